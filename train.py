@@ -1,0 +1,505 @@
+"""Fine-tune a pretrained transformer (DistilBERT by default) into a text classifier, with a plain PyTorch loop.
+
+    python train.py                                  # DistilBERT on IMDB, about 93% test accuracy
+    python train.py --preset demo                    # small real model + real data, offline, minutes on a CPU
+    python train.py --dataset my.csv --model ./bert  # your data, your checkpoint
+    accelerate launch --num_processes 4 train.py     # the same job on 4 GPUs
+
+Read top to bottom: data -> tokenize -> batches -> model -> optimizer/schedule -> loop -> validate -> save best
+-> test once. In a notebook: `from train import train; metrics = train(Config(...))`.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                          get_scheduler)
+
+from config import Config, UserError, parse_args
+
+# Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
+datasets.disable_progress_bars()
+transformers.utils.logging.disable_progress_bar()
+
+TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "tweet", "comment")
+LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "topic", "intent")
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint")  # what a run writes in output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: read -> standard columns (text, label as ClassLabel) -> stratified splits -> tokenize
+
+def decode(data, where, cfg):
+    """Bytes -> text in cfg.encoding; undecodable bytes are refused (naming the place) or replaced."""
+    try:
+        return data.decode(cfg.encoding), False
+    except UnicodeDecodeError as e:
+        if cfg.decode_errors == "replace":
+            return data.decode(cfg.encoding, errors="replace"), True
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{where}, line {line}: not valid {cfg.encoding}; pass --encoding (e.g. latin-1) "
+                        "or --decode-errors replace") from None
+    except LookupError:
+        raise UserError(f"unknown --encoding '{cfg.encoding}'") from None
+
+
+def read_folder(folder, cfg):
+    """A folder with one sub-folder of .txt files per class; the sub-folder names are the class names."""
+    texts, labels, replaced = [], [], 0
+    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for file in sorted(class_dir.glob("*.txt")):
+            text, was_replaced = decode(file.read_bytes(), file, cfg)
+            texts.append(text)
+            labels.append(class_dir.name)
+            replaced += was_replaced
+    if not texts:
+        raise UserError(f"{folder}: no .txt files in class sub-folders (expected {folder}/CLASS/*.txt)")
+    if replaced:
+        print(f"Replaced undecodable bytes in {replaced} file(s) of {folder} (--decode-errors replace)")
+    return Dataset.from_dict({"text": texts, "label": labels})
+
+
+def read_file(path, cfg):
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unsupported file type; use .csv, .tsv, .json, .jsonl, .parquet or a folder "
+                        "with one sub-folder of .txt files per class")
+    options = {}
+    if fmt != "parquet":  # check the encoding up front: the readers' own errors are tracebacks without a line
+        decode(path.read_bytes(), path, cfg)
+        options = dict(encoding=cfg.encoding, encoding_errors=cfg.decode_errors)
+    if path.suffix.lower() == ".tsv":
+        options["sep"] = "\t"
+    try:
+        return load_dataset(fmt, data_files=str(path), split="train", **options)
+    except Exception as e:  # malformed csv/json: the parser's own first line says where
+        raise UserError(f"{path}: could not be read as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def read_local(location, cfg):
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return read_folder(path, cfg)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file or folder")
+    return read_file(path, cfg)
+
+
+def is_local(location):
+    return Path(location).expanduser().exists() or Path(location).suffix.lower() in FILE_FORMATS
+
+
+def read_dataset(cfg):
+    """(train, test or None) with the dataset's own columns."""
+    if is_local(cfg.dataset):
+        return read_local(cfg.dataset, cfg), read_local(cfg.test_file, cfg) if cfg.test_file else None
+    if cfg.test_file:
+        raise UserError("--test-file goes with a local --dataset; a Hub dataset brings its own test split")
+    try:
+        splits = load_dataset(cfg.dataset, cfg.dataset_config)
+    except Exception as e:  # no such dataset, no network, bad config name: all end the same way for the user
+        raise UserError(f"could not load dataset '{cfg.dataset}': it is not a local file or folder, and the Hub "
+                        f"said: {str(e).splitlines()[0]}") from None
+    if cfg.train_split not in splits:
+        raise UserError(f"dataset '{cfg.dataset}' has no split '{cfg.train_split}'; it has: {', '.join(splits)}")
+    return splits[cfg.train_split], splits.get(cfg.test_split)
+
+
+def find_column(ds, given, candidates, what):
+    if given is not None:
+        if given not in ds.column_names:
+            raise UserError(f"{what} column '{given}' not found; the columns are: {', '.join(ds.column_names)}")
+        return given
+    lowered = {name.lower(): name for name in ds.column_names}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise UserError(f"no {what} column found (looked for {', '.join(candidates)}); the columns are: "
+                    f"{', '.join(ds.column_names)}; name it with --{what}-column")
+
+
+def class_names(train):
+    """Class names from the data: ClassLabel names, else the sorted distinct values (numbers sort as numbers)."""
+    feature = train.features["label"]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    values = train.unique("label")
+    missing = sum(1 for v in train["label"] if v is None or v != v)  # None, or NaN from an empty csv cell
+    if missing:
+        raise UserError(f"{missing} training example(s) have no label; fill them in or remove them")
+    if any(isinstance(v, float) for v in values):
+        raise UserError(f"the label column holds decimal numbers (e.g. {values[0]}); a classifier needs class "
+                        "labels: integers or names")
+    return [str(v) for v in sorted(values)]
+
+
+def encode_labels(ds, names, split):
+    """Map the label column to ids 0..K-1 of `names` and make it a ClassLabel (what stratified splits need)."""
+    if isinstance(ds.features["label"], ClassLabel):
+        if ds.features["label"].names != names:
+            raise UserError(f"the {split} split's classes {ds.features['label'].names} differ from train's {names}")
+        if min(ds["label"], default=0) < 0:
+            raise UserError(f"the {split} split has no labels (hidden, as in GLUE's test sets); "
+                            "use --test-split validation")
+        return ds
+    index = {name: i for i, name in enumerate(names)}
+    unseen = sorted({str(v) for v in ds["label"]} - set(index))
+    if unseen:
+        raise UserError(f"the {split} split has labels never seen in training: {', '.join(unseen[:5])}")
+    ds = ds.map(lambda batch: {"label": [index[str(v)] for v in batch["label"]]}, batched=True)
+    return ds.cast_column("label", ClassLabel(names=names))
+
+
+def standardize(ds, cfg, split):
+    """Keep only the text and label columns, named `text` and `label`; drop empty texts (and say so)."""
+    text_col = find_column(ds, cfg.text_column, TEXT_COLUMNS, "text")
+    label_col = find_column(ds, cfg.label_column, LABEL_COLUMNS, "label")
+    ds = ds.select_columns([text_col, label_col]).rename_columns({text_col: "text", label_col: "label"})
+    before = len(ds)
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) < before:
+        print(f"Dropped {before - len(ds)} {split} example(s) with empty text")
+    if len(ds) == 0:
+        raise UserError(f"the {split} split has no examples with text")
+    return ds
+
+
+def stratified_split(ds, size, seed, what):
+    """(rest, part) where part holds `size` examples (int) or that fraction (float), in class proportions."""
+    try:
+        parts = ds.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
+    except ValueError as e:
+        raise UserError(f"too few examples ({len(ds)}) to carve out the {what} split in class proportions "
+                        f"({e}); use more data or change --val-fraction/--test-fraction/--*-samples") from None
+    return parts["train"], parts["test"]
+
+
+def subsample(ds, n, seed, what):
+    """A seeded, stratified sample of n examples (never the first n: files are often sorted by label)."""
+    return ds if n is None or n >= len(ds) else stratified_split(ds, n, seed, what)[1]
+
+
+def load_data(cfg):
+    """DatasetDict with train, test and (unless val_fraction is 0) validation; plus the class names."""
+    train, test = read_dataset(cfg)
+    train = standardize(train, cfg, "train")
+    names = class_names(train)
+    if len(names) < 2:
+        raise UserError(f"the training data has a single class ({names[0]}); a classifier needs at least two")
+    train = encode_labels(train, names, "train")
+    if test is None:
+        train, test = stratified_split(train, cfg.test_fraction, cfg.seed, "test")
+    else:
+        test = encode_labels(standardize(test, cfg, "test"), names, "test")
+    splits = {"test": subsample(test, cfg.eval_samples, cfg.seed, "test")}
+    if cfg.val_fraction > 0:
+        train, val = stratified_split(train, cfg.val_fraction, cfg.seed, "validation")
+        splits["validation"] = subsample(val, cfg.eval_samples, cfg.seed, "validation")
+    splits["train"] = subsample(train, cfg.train_samples, cfg.seed, "train")
+    return DatasetDict(splits), names
+
+
+def tokenize(data, tokenizer, max_len):
+    """Token ids per example, truncated to max_len and NOT padded: each batch is padded to its own longest."""
+    return data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_len),
+                    batched=True, remove_columns=["text"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, precision, optimizer
+
+def load_model_config(cfg):
+    """The model's config.json (small, fast): fails early for a bad --model and checks --max-len against it."""
+    try:
+        model_config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model '{cfg.model}' is not a local model folder nor a model on the Hub "
+                        f"({str(e).splitlines()[0]})") from None
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and cfg.max_len > limit:
+        raise UserError(f"--max-len {cfg.max_len} is beyond what {cfg.model} can read ({limit} positions)")
+    return model_config
+
+
+def choose_precision(requested, cuda_capability):
+    """fp32 / bf16 / fp16. `auto`: bf16 on Ampere and newer GPUs (compute capability >= 8.0); fp16 with loss
+    scaling on older ones (T4, V100), whose bf16 is emulated and slow; fp32 on CPU."""
+    if requested == "fp16" and cuda_capability is None:
+        raise UserError("--precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
+    if requested != "auto":
+        return requested
+    if cuda_capability is None:
+        return "fp32"
+    return "bf16" if cuda_capability >= (8, 0) else "fp16"
+
+
+def load_model(cfg, names):
+    """The pretrained encoder with a fresh classification head for our classes."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its missing-keys report is replaced by our one line below
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            cfg.model, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
+            output_loading_info=True, trust_remote_code=cfg.trust_remote_code)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    new = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
+    head = [k for k in new if not k.startswith(model.base_model_prefix)]
+    body = [k for k in new if k.startswith(model.base_model_prefix)]
+    if head:
+        print(f"New classification head ({', '.join(sorted({k.rsplit('.', 1)[0] for k in head}))}) for "
+              f"{len(names)} classes, randomly initialized: this is what fine-tuning trains")
+    if body:  # not expected: the checkpoint does not match the architecture
+        print(f"Warning: {len(body)} weight(s) of the encoder were not in {cfg.model} and start random: "
+              f"{', '.join(body[:4])}{'...' if len(body) > 4 else ''}", file=sys.stderr)
+    return model
+
+
+def make_optimizer(model, cfg, fused):
+    """AdamW; biases and LayerNorm weights (the 1-d parameters) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+def classification_metrics(labels, preds, names):
+    ids = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "f1_macro": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(names)},
+        "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
+        "labels": list(names),
+        "n": int(len(labels)),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, names):
+    """Metrics over the whole split. Under several processes each sees a shard; gather_for_metrics collects
+    them and drops the examples duplicated to even out the last batch, so every example counts once."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in loader:
+        with accelerator.autocast():
+            logits = model(**batch).logits.float()
+        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    model.train(was_training)
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), names)
+    metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output folder: nothing is left half-written, and an earlier run is never overwritten by accident
+
+def choose_output_dir(cfg, accelerator):
+    """A new runs/<preset>-<time> folder unless given; a given folder that holds a run needs --overwrite."""
+    if cfg.output_dir is None:
+        base = Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out, n = base, 1
+        while out.exists():
+            n += 1
+            out = base.with_name(f"{base.name}-{n}")
+        return Path(broadcast_object_list([str(out)])[0])  # every process must agree on the folder
+    out = Path(cfg.output_dir)
+    if not cfg.overwrite and any((out / name).exists() for name in OUTPUTS):
+        raise UserError(f"{out} already holds a run; choose another --output-dir or pass --overwrite to replace it")
+    return out
+
+
+def clear_earlier_run(out):
+    """With --overwrite: remove only what a run writes (never the user's other files in that folder)."""
+    for name in OUTPUTS:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+
+
+def save_model(model, tokenizer, folder, accelerator):
+    """save_pretrained into a temporary folder, then swap it in: a crash mid-write keeps the previous best."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, bar):
+    """One pass over the training data; returns the mean loss and the number of optimizer steps.
+
+    Gradients of `grad_accum` micro-batches add up before each optimizer step, which comes on the LAST micro-batch
+    of each group and on the epoch's last, possibly partial, group. Each loss is divided by its group's size, so a
+    group's gradient is the mean over its examples, exactly as one big batch would give."""
+    model.train()
+    n, steps = len(loader), 0
+    total_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(loader):
+        group_start = i - i % cfg.grad_accum
+        group_size = min(cfg.grad_accum, n - group_start)
+        step_now = i + 1 == group_start + group_size
+        with nullcontext() if step_now else accelerator.no_sync(model):  # no gradient all-reduce mid-group
+            loss = model(**batch).loss
+            accelerator.backward(loss / group_size)
+        total_loss += loss.detach()
+        if step_now:
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        bar.update(1)
+    mean_loss = accelerator.reduce(total_loss, reduction="mean") / max(n, 1)  # mean over processes too
+    return float(mean_loss), steps
+
+
+def make_loaders(data, tokenizer, cfg, device_type):
+    on_gpu = device_type == "cuda"
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None)
+    options = dict(collate_fn=collate, pin_memory=on_gpu, num_workers=2 if on_gpu else 0)
+    loaders = {"train": DataLoader(data["train"], batch_size=cfg.batch_size, shuffle=True, **options)}
+    for split in ("validation", "test"):
+        if split in data:
+            loaders[split] = DataLoader(data[split], batch_size=cfg.eval_batch_size, **options)
+    return loaders
+
+
+def describe(data, names):
+    sizes = " · ".join(f"{len(data[s]):,} {s}" for s in ("train", "validation", "test") if s in data)
+    return f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+
+
+def train(cfg: Config):
+    """Fine-tune cfg.model on cfg.dataset; returns the metrics (also written to output_dir/metrics.json)."""
+    started = time.time()
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    precision = choose_precision(cfg.precision, capability)
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    say = accelerator.print  # only the main process talks
+    out = choose_output_dir(cfg, accelerator)
+    load_model_config(cfg)
+    set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
+
+    with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
+        data, names = load_data(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        data = tokenize(data, tokenizer, cfg.max_len)
+    say(describe(data, names))
+
+    model = load_model(cfg, names)
+    optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
+    loaders = make_loaders(data, tokenizer, cfg, accelerator.device.type)
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
+    loaders = dict(zip(loaders, prepared))
+    steps_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
+                              num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+    say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · {precision} "
+        f"on {accelerator.device} · {accelerator.num_processes} process(es) · batch {cfg.batch_size} × "
+        f"{accelerator.num_processes} × grad_accum {cfg.grad_accum} = {global_batch} · {total_steps} steps")
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        clear_earlier_run(out)
+    best_score, best_epoch, best_val, step, log = -math.inf, None, None, 0, []
+    train_seconds = 0.0
+    epochs_bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=not accelerator.is_main_process)
+    for epoch in epochs_bar:
+        epoch_start = time.time()
+        loaders["train"].set_epoch(epoch)  # a new, seeded order each epoch
+        with tqdm(total=len(loaders["train"]), desc=f"epoch {epoch}", leave=False,
+                  disable=not accelerator.is_main_process) as bar:
+            train_loss, steps = train_epoch(model, loaders["train"], optimizer, scheduler, accelerator, cfg, bar)
+        step += steps
+        train_seconds += time.time() - epoch_start
+        val = evaluate(model, loaders["validation"], accelerator, names) if "validation" in loaders else None
+        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                  **({f"val_{k}": val[k] for k in ("accuracy", "f1_macro", "loss")} if val else {}),
+                  "seconds": round(time.time() - epoch_start, 2)}
+        log.append(record)
+        if accelerator.is_main_process:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        improved = val is None or val[cfg.metric_for_best] > best_score  # without validation: keep the last epoch
+        if improved:
+            best_score, best_epoch, best_val = (val[cfg.metric_for_best] if val else None), epoch, val
+            save_model(model, tokenizer, out / "best", accelerator)
+        summary = f"epoch {epoch}: train loss {train_loss:.4f}"
+        if val:
+            summary += f" · val accuracy {val['accuracy']:.4f} · macro-F1 {val['f1_macro']:.4f}"
+        if accelerator.is_main_process:  # tqdm.write keeps the bars intact
+            tqdm.write(summary + f" · lr {record['lr']:.2e} · {record['seconds']:.0f}s" + (" *" if improved else ""))
+
+    # The test split is used once, on the saved best model: what you evaluate is exactly what you ship.
+    accelerator.wait_for_everyone()
+    best_model = AutoModelForSequenceClassification.from_pretrained(out / "best").to(accelerator.device)
+    test = evaluate(best_model, loaders["test"], accelerator, names)
+    metrics = {"best_epoch": best_epoch, "val": best_val, "test": test, "config": dataclasses.asdict(cfg),
+               "timing": {"total_seconds": round(time.time() - started, 2), "train_seconds": round(train_seconds, 2),
+                          "train_examples_per_second": round(len(data["train"]) * cfg.epochs / train_seconds, 2)},
+               "output_dir": str(out), "precision": precision, "num_processes": accelerator.num_processes}
+    if accelerator.is_main_process:
+        write_json(out / "metrics.json", metrics)
+    say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
+        f"(best epoch {best_epoch})\nModel saved to {out / 'best'} — use it with: "
+        f"pipeline('text-classification', model='{out / 'best'}')")
+    return metrics
+
+
+def main(argv=None):
+    try:
+        train(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
