@@ -150,5 +150,24 @@ def parse_args(argv=None):
     not ours, so it is ignored unless argv is passed explicitly."""
     if argv is None:
         argv = [] if "ipykernel" in sys.modules else sys.argv[1:]
-    given = vars(build_parser().parse_args(argv))
+    given = vars(build_parser().parse_args(_attach_negative_numbers(argv)))
     return resolve(**given)
+
+
+def _attach_negative_numbers(argv):
+    """`--lr -1e-5` -> `--lr=-1e-5`: argparse would take -1e-5 for a flag (and then miss why it is bad)."""
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-") and _is_number(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

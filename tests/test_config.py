@@ -1,0 +1,69 @@
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import ROOT
+from config import Config, UserError, parse_args, resolve
+
+
+def test_defaults_are_the_recipe():
+    cfg = parse_args([])
+    assert (cfg.model, cfg.dataset, cfg.batch_size, cfg.epochs, cfg.max_len, cfg.lr, cfg.scheduler) == \
+        ("distilbert-base-uncased", "stanfordnlp/imdb", 16, 3, 256, 2e-5, "cosine")
+
+
+def test_dashes_and_underscores_and_types():
+    cfg = parse_args(["--max-len", "128", "--batch_size", "8", "--lr", "1e-4", "--train-samples", "100"])
+    assert (cfg.max_len, cfg.batch_size, cfg.lr, cfg.train_samples) == (128, 8, 1e-4, 100)
+    assert parse_args(["--train-samples", "none"]).train_samples is None
+
+
+def test_booleans():
+    assert parse_args(["--overwrite"]).overwrite is True
+    assert parse_args(["--overwrite", "--no-overwrite"]).overwrite is False
+
+
+def test_preset_then_flags():
+    cfg = parse_args(["--preset", "sst2"])
+    assert (cfg.dataset, cfg.dataset_config, cfg.test_split, cfg.max_len) == ("nyu-mll/glue", "sst2", "validation", 128)
+    assert parse_args(["--max-len", "64", "--preset", "sst2"]).max_len == 64  # a flag beats the preset, wherever it is
+    assert parse_args(["--preset", "ag_news"]).dataset == "fancyzhx/ag_news"
+
+
+def test_notebook_argv_is_ignored(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"])
+    assert parse_args() == resolve()
+
+
+def test_argv_is_read_outside_a_notebook(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--epochs", "5"])
+    assert parse_args().epochs == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1e-5"], "--lr must be positive"),
+    (["--max-len", "0"], "--max-len must be at least 1"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--epochs", "two"], "invalid int value: 'two'"),
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+])
+def test_bad_values_are_refused(argv, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        parse_args(argv)
+
+
+def test_resolve_for_notebooks():
+    cfg = resolve("sst2", epochs=1)
+    assert isinstance(cfg, Config) and cfg.epochs == 1 and cfg.dataset_config == "sst2"
+
+
+def test_cli_refusal_is_one_line_and_exit_2():
+    """A bad flag fails fast: exit 2, one line on stderr, no traceback, no usage dump."""
+    run = subprocess.run([sys.executable, "train.py", "--lr", "-3"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["error: --lr must be positive, not -3.0"]
