@@ -49,7 +49,9 @@ class Config:
     trust_remote_code: bool = False
     # output
     output_dir: str | None = None  # None = a new runs/<preset>-<time> folder for each run
-    overwrite: bool = False
+    overwrite: bool = False  # replace a run already in output_dir
+    resume: bool = False  # continue the run in output_dir from its checkpoint/
+    checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch's end); 0 = epochs only
 
 
 CHOICES = {
@@ -97,6 +99,9 @@ def validate(cfg):
     for name in ("train_samples", "eval_samples"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (or none), not {value}")
+    need(cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")
+    need(not (cfg.resume and cfg.overwrite), "--resume continues a run and --overwrite replaces it: pass one of them")
+    need(not cfg.resume or cfg.output_dir, "--resume needs --output-dir: the folder of the run to continue")
     need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
     need(cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), not {cfg.max_grad_norm}")

@@ -13,12 +13,17 @@ import json
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
-from contextlib import nullcontext
+import urllib.parse
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import torch
 import transformers
 from accelerate import Accelerator
@@ -115,7 +120,7 @@ def read_dataset(cfg):
         splits = load_dataset(cfg.dataset, cfg.dataset_config)
     except Exception as e:  # no such dataset, no network, bad config name: all end the same way for the user
         raise UserError(f"could not load dataset '{cfg.dataset}': it is not a local file or folder, and the Hub "
-                        f"said: {str(e).splitlines()[0]}") from None
+                        f"said: {str(e).splitlines()[0]}{offline_hint()}") from None
     if cfg.train_split not in splits:
         raise UserError(f"dataset '{cfg.dataset}' has no split '{cfg.train_split}'; it has: {', '.join(splits)}")
     return splits[cfg.train_split], splits.get(cfg.test_split)
@@ -224,13 +229,34 @@ def tokenize(data, tokenizer, max_len):
 # ----------------------------------------------------------------------------------------------------------------
 # Model, precision, optimizer
 
+def use_cache_only_if_offline(cfg):
+    """Without a network the Hub libraries retry for about 25 s before failing. Probe the Hub once (3 s at most);
+    if it cannot be reached, switch them to offline mode: what is in the local cache still loads, at once."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE or Path(cfg.model).expanduser().exists() and is_local(cfg.dataset):
+        return
+    endpoint = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError:
+        print("The Hugging Face Hub cannot be reached: using only the local cache (as with HF_HUB_OFFLINE=1)")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+
+
+def offline_hint():
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return ("; the Hub cannot be reached (offline) and it is not in the local cache: pass a local folder or "
+                "file, or download it once on a machine with network")
+    return ""
+
+
 def load_model_config(cfg):
     """The model's config.json (small, fast): fails early for a bad --model and checks --max-len against it."""
     try:
         model_config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"model '{cfg.model}' is not a local model folder nor a model on the Hub "
-                        f"({str(e).splitlines()[0]})") from None
+                        f"({str(e).splitlines()[0]}){offline_hint()}") from None
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and cfg.max_len > limit:
         raise UserError(f"--max-len {cfg.max_len} is beyond what {cfg.model} can read ({limit} positions)")
@@ -257,7 +283,7 @@ def load_model(cfg, names):
         model, info = AutoModelForSequenceClassification.from_pretrained(
             cfg.model, num_labels=len(names), id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
-            output_loading_info=True, trust_remote_code=cfg.trust_remote_code)
+            output_loading_info=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
     finally:
         transformers.logging.set_verbosity(verbosity)
     new = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
@@ -320,8 +346,9 @@ def evaluate(model, loader, accelerator, names):
 # ----------------------------------------------------------------------------------------------------------------
 # Output folder: nothing is left half-written, and an earlier run is never overwritten by accident
 
-def choose_output_dir(cfg, accelerator):
-    """A new runs/<preset>-<time> folder unless given; a given folder that holds a run needs --overwrite."""
+def choose_output_dir(cfg):
+    """A new runs/<preset>-<time> folder unless given; a given folder that holds a run needs --overwrite or
+    --resume."""
     if cfg.output_dir is None:
         base = Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         out, n = base, 1
@@ -330,16 +357,17 @@ def choose_output_dir(cfg, accelerator):
             out = base.with_name(f"{base.name}-{n}")
         return Path(broadcast_object_list([str(out)])[0])  # every process must agree on the folder
     out = Path(cfg.output_dir)
-    if not cfg.overwrite and any((out / name).exists() for name in OUTPUTS):
-        raise UserError(f"{out} already holds a run; choose another --output-dir or pass --overwrite to replace it")
+    if not (cfg.overwrite or cfg.resume) and any((out / name).exists() for name in OUTPUTS):
+        raise UserError(f"{out} already holds a run; continue it with --resume, replace it with --overwrite, "
+                        "or choose another --output-dir")
     return out
 
 
 def clear_earlier_run(out):
     """With --overwrite: remove only what a run writes (never the user's other files in that folder)."""
     for name in OUTPUTS:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        for path in (out / name, out / f"{name}.tmp", out / f"{name}.old"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def write_json(path, obj):
@@ -348,60 +376,147 @@ def write_json(path, obj):
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
+def swap_in(tmp, folder):
+    """Replace `folder` by the complete `tmp` with renames: whenever a kill comes, one whole version survives
+    (as `folder`, or as `folder.old` for the instant between the two renames: see recover)."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder):
+    old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and old.exists():
+        old.rename(folder)
+    return folder
+
+
 def save_model(model, tokenizer, folder, accelerator):
-    """save_pretrained into a temporary folder, then swap it in: a crash mid-write keeps the previous best."""
+    """The model and tokenizer (save_pretrained: safetensors, config with the class names), swapped in whole."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+        tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, folder)
     accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: everything --resume needs to continue exactly where a run stopped
+
+RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every"}
+
+
+def new_state(cfg):
+    """Where training stands. Saved with every checkpoint; the model, optimizer, schedule, loss scaler and random
+    number generators are saved beside it by accelerate."""
+    return {"epoch": 1, "batches_done": 0, "loss_sum": 0.0, "step": 0, "best_score": None, "best_epoch": None,
+            "best_val": None, "log": [], "train_seconds": 0.0, "config": dataclasses.asdict(cfg)}
+
+
+def save_checkpoint(out, state, accelerator):
+    tmp = out / "checkpoint.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)  # every process writes its own RNG state; the main one the rest
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / "state.json", state)
+        swap_in(tmp, out / "checkpoint")
+    accelerator.wait_for_everyone()
+
+
+def read_checkpoint_state(out, cfg):
+    """The saved state, if the run in `out` can be continued with this config (checked before anything loads)."""
+    state_file = recover(out / "checkpoint") / "state.json"
+    if not state_file.is_file():
+        raise UserError(f"{out} has no checkpoint to resume from; start a new run without --resume")
+    state = json.loads(state_file.read_text())
+    now = dataclasses.asdict(cfg)
+    changed = [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in state["config"].items()
+               if k not in RESUMABLE_CHANGES and now.get(k) != v]
+    if changed:
+        raise UserError(f"cannot resume {out} with other settings ({'; '.join(changed)}): they would change the "
+                        "result; resume with the run's own flags (only --epochs may change) or start a new run")
+    state["config"] = now
+    return state
+
+
+@contextmanager
+def checkpoint_on_signals(accelerator):
+    """Ctrl-C or SIGTERM asks the loop to stop at the next optimizer step, after writing a checkpoint. A second
+    Ctrl-C stops at once. The request is shared by all processes (accelerate's trigger), so they stop together."""
+    def request_stop(signum, frame):
+        accelerator.set_trigger()
+        signal.signal(signum, previous[signum])
+    signals = [signal.SIGINT, signal.SIGTERM]
+    in_main_thread = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    previous = {s: signal.getsignal(s) for s in signals} if in_main_thread else {}
+    for s in previous:
+        signal.signal(s, request_stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
-def train_epoch(model, loader, optimizer, scheduler, accelerator, cfg, bar):
-    """One pass over the training data; returns the mean loss and the number of optimizer steps.
+def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step=lambda: None):
+    """The rest of one pass over the training data (all of it, unless resuming mid-epoch); updates `state`.
 
     Gradients of `grad_accum` micro-batches add up before each optimizer step, which comes on the LAST micro-batch
     of each group and on the epoch's last, possibly partial, group. Each loss is divided by its group's size, so a
     group's gradient is the mean over its examples, exactly as one big batch would give."""
     model.train()
-    n, steps = len(loader), 0
-    total_loss = torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(loader):
+    n = state["batches_done"] + len(batches)  # micro-batches in the whole epoch
+    group_loss = 0.0
+    for i, batch in enumerate(batches, start=state["batches_done"]):
         group_start = i - i % cfg.grad_accum
         group_size = min(cfg.grad_accum, n - group_start)
         step_now = i + 1 == group_start + group_size
         with nullcontext() if step_now else accelerator.no_sync(model):  # no gradient all-reduce mid-group
             loss = model(**batch).loss
             accelerator.backward(loss / group_size)
-        total_loss += loss.detach()
-        if step_now:
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            steps += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        group_loss += loss.detach()
         bar.update(1)
-    mean_loss = accelerator.reduce(total_loss, reduction="mean") / max(n, 1)  # mean over processes too
-    return float(mean_loss), steps
+        if not step_now:
+            continue
+        group_total = float(group_loss)
+        loss_value = group_total / group_size
+        if not math.isfinite(loss_value):
+            raise UserError(f"the training loss became {loss_value} at step {state['step'] + 1}; the last checkpoint "
+                            "is kept; lower --lr, keep --max-grad-norm on, or use --precision fp32/bf16")
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.update(batches_done=i + 1, step=state["step"] + 1, loss_sum=state["loss_sum"] + group_total)
+        group_loss = 0.0
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        on_step()
+    total = accelerator.reduce(torch.tensor(state["loss_sum"], device=accelerator.device), reduction="mean")
+    return float(total) / n  # mean loss per micro-batch, over all processes
 
 
 def make_loaders(data, tokenizer, cfg, device_type):
     on_gpu = device_type == "cuda"
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None)
     options = dict(collate_fn=collate, pin_memory=on_gpu, num_workers=2 if on_gpu else 0)
-    loaders = {"train": DataLoader(data["train"], batch_size=cfg.batch_size, shuffle=True, **options)}
+    # The training order comes from the seed and the epoch (accelerate's seedable sampler), and the loader's own
+    # generator keeps it from drawing on the global RNG: a resumed run then sees the same batches and dropout.
+    loaders = {"train": DataLoader(data["train"], batch_size=cfg.batch_size, shuffle=True,
+                                   generator=torch.Generator().manual_seed(cfg.seed), **options)}
     for split in ("validation", "test"):
         if split in data:
             loaders[split] = DataLoader(data[split], batch_size=cfg.eval_batch_size, **options)
@@ -413,83 +528,131 @@ def describe(data, names):
     return f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
 
 
+def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started):
+    """Validate, log, keep the best model; returns the summary line."""
+    val = evaluate(model, loaders["validation"], accelerator, names) if "validation" in loaders else None
+    if val:
+        record.update({f"val_{k}": val[k] for k in ("accuracy", "f1_macro", "loss")})
+    seconds = time.time() - started
+    record["seconds"] = round(seconds, 2)
+    state["log"].append(record)
+    if accelerator.is_main_process:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    score = val[cfg.metric_for_best] if val else None
+    improved = val is None or state["best_score"] is None or score > state["best_score"]  # no validation: the last
+    if improved:
+        save_model(model, tokenizer, out / "best", accelerator)
+        state.update(best_score=score, best_epoch=state["epoch"], best_val=val)
+    summary = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
+    if val:
+        summary += f" · val accuracy {val['accuracy']:.4f} · macro-F1 {val['f1_macro']:.4f}"
+    return summary + f" · lr {record['lr']:.2e} · {seconds:.0f}s" + (" *" if improved else "")
+
+
+def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names):
+    """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends."""
+    def on_step():
+        if accelerator.check_trigger():  # Ctrl-C / SIGTERM, on any process
+            save_checkpoint(out, state, accelerator)
+            accelerator.print(f"\nInterrupted: checkpoint saved at step {state['step']}. Resume with the same "
+                              f"flags plus: --output-dir {out} --resume")
+            raise KeyboardInterrupt
+        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+            save_checkpoint(out, state, accelerator)
+
+    main = accelerator.is_main_process
+    for epoch in tqdm(range(state["epoch"], cfg.epochs + 1), desc="epochs", disable=not main):
+        started = time.time()
+        state["epoch"] = epoch
+        loaders["train"].set_epoch(epoch)  # a new, seeded order each epoch
+        batches = accelerator.skip_first_batches(loaders["train"], state["batches_done"])
+        with tqdm(total=len(loaders["train"]), initial=state["batches_done"], desc=f"epoch {epoch}", leave=False,
+                  disable=not main) as bar:
+            train_loss = train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step)
+        state["train_seconds"] += time.time() - started
+        record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
+        summary = end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started)
+        state.update(epoch=epoch + 1, batches_done=0, loss_sum=0.0)
+        save_checkpoint(out, state, accelerator)
+        if main:
+            tqdm.write(summary)  # tqdm.write keeps the bars intact
+    return state
+
+
+def setup(cfg, accelerator):
+    """Data, tokenizer, model, optimizer, schedule, loaders, all prepared for the devices."""
+    with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
+        data, names = load_data(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        data = tokenize(data, tokenizer, cfg.max_len)
+    accelerator.print(describe(data, names))
+    model = load_model(cfg, names)
+    optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
+    loaders = make_loaders(data, tokenizer, cfg, accelerator.device.type)
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
+    loaders = dict(zip(loaders, prepared))
+    total_steps = math.ceil(len(loaders["train"]) / cfg.grad_accum) * cfg.epochs  # optimizer steps, per process
+    scheduler = accelerator.prepare(get_scheduler(
+        "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
+        num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
+    n = accelerator.num_processes
+    accelerator.print(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · "
+                      f"{accelerator.mixed_precision.replace('no', 'fp32')} on {accelerator.device} · {n} process(es) · batch "
+                      f"{cfg.batch_size} × {n} × grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum}"
+                      f" · {total_steps} steps")
+    return data, names, tokenizer, model, optimizer, scheduler, loaders
+
+
 def train(cfg: Config):
     """Fine-tune cfg.model on cfg.dataset; returns the metrics (also written to output_dir/metrics.json)."""
     started = time.time()
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     precision = choose_precision(cfg.precision, capability)
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              step_scheduler_with_optimizer=False,  # we step it, once per optimizer step
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    say = accelerator.print  # only the main process talks
-    out = choose_output_dir(cfg, accelerator)
+    out = choose_output_dir(cfg)
+    state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
+    use_cache_only_if_offline(cfg)
     load_model_config(cfg)
     set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
-
-    with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
-        data, names = load_data(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        data = tokenize(data, tokenizer, cfg.max_len)
-    say(describe(data, names))
-
-    model = load_model(cfg, names)
-    optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
-    loaders = make_loaders(data, tokenizer, cfg, accelerator.device.type)
-    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
-    loaders = dict(zip(loaders, prepared))
-    steps_per_epoch = math.ceil(len(loaders["train"]) / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
-                              num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
-    say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · {precision} "
-        f"on {accelerator.device} · {accelerator.num_processes} process(es) · batch {cfg.batch_size} × "
-        f"{accelerator.num_processes} × grad_accum {cfg.grad_accum} = {global_batch} · {total_steps} steps")
-
+    data, names, tokenizer, model, optimizer, scheduler, loaders = setup(cfg, accelerator)
+    if cfg.resume:
+        accelerator.load_state(out / "checkpoint")  # model, optimizer, schedule, scaler, RNG (weights_only loads)
+        accelerator.print(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        clear_earlier_run(out)
-    best_score, best_epoch, best_val, step, log = -math.inf, None, None, 0, []
-    train_seconds = 0.0
-    epochs_bar = tqdm(range(1, cfg.epochs + 1), desc="epochs", disable=not accelerator.is_main_process)
-    for epoch in epochs_bar:
-        epoch_start = time.time()
-        loaders["train"].set_epoch(epoch)  # a new, seeded order each epoch
-        with tqdm(total=len(loaders["train"]), desc=f"epoch {epoch}", leave=False,
-                  disable=not accelerator.is_main_process) as bar:
-            train_loss, steps = train_epoch(model, loaders["train"], optimizer, scheduler, accelerator, cfg, bar)
-        step += steps
-        train_seconds += time.time() - epoch_start
-        val = evaluate(model, loaders["validation"], accelerator, names) if "validation" in loaders else None
-        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                  **({f"val_{k}": val[k] for k in ("accuracy", "f1_macro", "loss")} if val else {}),
-                  "seconds": round(time.time() - epoch_start, 2)}
-        log.append(record)
-        if accelerator.is_main_process:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        improved = val is None or val[cfg.metric_for_best] > best_score  # without validation: keep the last epoch
-        if improved:
-            best_score, best_epoch, best_val = (val[cfg.metric_for_best] if val else None), epoch, val
-            save_model(model, tokenizer, out / "best", accelerator)
-        summary = f"epoch {epoch}: train loss {train_loss:.4f}"
-        if val:
-            summary += f" · val accuracy {val['accuracy']:.4f} · macro-F1 {val['f1_macro']:.4f}"
-        if accelerator.is_main_process:  # tqdm.write keeps the bars intact
-            tqdm.write(summary + f" · lr {record['lr']:.2e} · {record['seconds']:.0f}s" + (" *" if improved else ""))
+        if cfg.resume:  # the log as it stood at the checkpoint: later lines are written again
+            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["log"]))
+        else:
+            clear_earlier_run(out)
+    try:
+        with checkpoint_on_signals(accelerator):
+            state = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names)
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size} and --max-len {cfg.max_len}: lower "
+                        "--batch-size (raise --grad-accum to keep the global batch), lower --max-len, or use "
+                        "--precision bf16/fp16") from None
+    return finish(cfg, out, state, loaders, accelerator, names, precision, len(data["train"]), started)
 
-    # The test split is used once, on the saved best model: what you evaluate is exactly what you ship.
-    accelerator.wait_for_everyone()
-    best_model = AutoModelForSequenceClassification.from_pretrained(out / "best").to(accelerator.device)
-    test = evaluate(best_model, loaders["test"], accelerator, names)
-    metrics = {"best_epoch": best_epoch, "val": best_val, "test": test, "config": dataclasses.asdict(cfg),
-               "timing": {"total_seconds": round(time.time() - started, 2), "train_seconds": round(train_seconds, 2),
-                          "train_examples_per_second": round(len(data["train"]) * cfg.epochs / train_seconds, 2)},
-               "output_dir": str(out), "precision": precision, "num_processes": accelerator.num_processes}
+
+def finish(cfg, out, state, loaders, accelerator, names, precision, n_train, started):
+    """Evaluate the saved best model on the test split, once, and write metrics.json."""
+    accelerator.wait_for_everyone()  # what you evaluate is exactly what you ship: the files in best/
+    best_model = AutoModelForSequenceClassification.from_pretrained(recover(out / "best"), use_safetensors=True)
+    test = evaluate(best_model.to(accelerator.device), loaders["test"], accelerator, names)
+    seconds = state["train_seconds"]
+    metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
+               "config": dataclasses.asdict(cfg), "output_dir": str(out), "precision": precision,
+               "num_processes": accelerator.num_processes,
+               "timing": {"total_seconds": round(time.time() - started, 2), "train_seconds": round(seconds, 2),
+                          "train_examples_per_second": round(n_train * cfg.epochs / seconds, 2) if seconds else None}}
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)
-    say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
-        f"(best epoch {best_epoch})\nModel saved to {out / 'best'} — use it with: "
-        f"pipeline('text-classification', model='{out / 'best'}')")
+    accelerator.print(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
+                      f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
+                      f"pipeline('text-classification', model='{out / 'best'}')")
     return metrics
 
 
@@ -499,6 +662,8 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

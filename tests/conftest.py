@@ -37,17 +37,28 @@ def write_csv(path, rows, header=("text", "label")):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
+def write_tiny_model(folder, dropout=0.0):
     """A 2-layer, 32-wide DistilBERT (random weights) and its tokenizer, saved like a Hub checkpoint."""
     from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizer
-    folder = tmp_path_factory.mktemp("tiny-distilbert")
     vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER))
     DistilBertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=64).save_pretrained(folder)
     config = DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                              max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+                              max_position_embeddings=64, dropout=dropout, attention_dropout=dropout,
+                              seq_classif_dropout=dropout)
     DistilBertModel(config).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Without dropout, so that gradients can be compared exactly."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-distilbert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_dropout(tmp_path_factory):
+    """With dropout, so that a resumed run must also restore the random number generators to match."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-distilbert-dropout"), dropout=0.1)
 
 
 @pytest.fixture(scope="session")

@@ -101,7 +101,8 @@ def test_model_that_does_not_exist(tmp_path, toy_csv, tiny):
 def test_existing_run_is_not_overwritten(tmp_path, toy_csv, tiny):
     train(resolve(dataset=toy_csv, output_dir=str(tmp_path / "out"), **tiny))
     before = (tmp_path / "out" / "metrics.json").read_text()
-    refused(tmp_path, "already holds a run; choose another --output-dir or pass --overwrite", dataset=toy_csv, **tiny)
+    refused(tmp_path, "already holds a run; continue it with --resume, replace it with --overwrite", dataset=toy_csv,
+            **tiny)
     assert (tmp_path / "out" / "metrics.json").read_text() == before
     (tmp_path / "out" / "notes.txt").write_text("mine")  # the user's own file in that folder
     metrics = train(resolve(dataset=toy_csv, output_dir=str(tmp_path / "out"), overwrite=True, seed=3, **tiny))
