@@ -99,11 +99,12 @@ def read_file(path, cfg):
 
 def read_local(location, cfg):
     path = Path(location).expanduser()
-    if path.is_dir():
-        return read_folder(path, cfg)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such file or folder")
-    return read_file(path, cfg)
+    try:
+        return read_folder(path, cfg) if path.is_dir() else read_file(path, cfg)
+    except PermissionError as e:
+        raise UserError(f"{e.filename}: not readable (permission denied)") from None
 
 
 def is_local(location):

@@ -11,9 +11,14 @@ from train import train
 
 
 def refused(tmp_path, message, **overrides):
+    """Refused with `message` in one line, even with --overwrite: the earlier run in output_dir is untouched."""
+    earlier = tmp_path / "out"
+    earlier.mkdir(parents=True, exist_ok=True)
+    (earlier / "metrics.json").write_text('{"earlier": "run"}')
     with pytest.raises(UserError, match=message) as caught:
-        train(resolve(**{"output_dir": str(tmp_path / "out"), **overrides}))
+        train(resolve(**{"output_dir": str(earlier), "overwrite": True, **overrides}))
     assert "\n" not in str(caught.value)
+    assert (earlier / "metrics.json").read_text() == '{"earlier": "run"}'
     return str(caught.value)
 
 
@@ -101,8 +106,8 @@ def test_model_that_does_not_exist(tmp_path, toy_csv, tiny):
 def test_existing_run_is_not_overwritten(tmp_path, toy_csv, tiny):
     train(resolve(dataset=toy_csv, output_dir=str(tmp_path / "out"), **tiny))
     before = (tmp_path / "out" / "metrics.json").read_text()
-    refused(tmp_path, "already holds a run; continue it with --resume, replace it with --overwrite", dataset=toy_csv,
-            **tiny)
+    with pytest.raises(UserError, match="already holds a run; continue it with --resume, replace it with --overwrite"):
+        train(resolve(dataset=toy_csv, output_dir=str(tmp_path / "out"), **tiny))
     assert (tmp_path / "out" / "metrics.json").read_text() == before
     (tmp_path / "out" / "notes.txt").write_text("mine")  # the user's own file in that folder
     metrics = train(resolve(dataset=toy_csv, output_dir=str(tmp_path / "out"), overwrite=True, seed=3, **tiny))
