@@ -26,7 +26,7 @@ import datasets
 import huggingface_hub
 import torch
 import transformers
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
@@ -45,6 +45,11 @@ TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "tw
 LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "topic", "intent")
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint")  # what a run writes in output_dir
+
+
+def say(*args, **kwargs):
+    """print, on the main process only: under several processes each would say the same thing."""
+    PartialState().print(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,7 +81,7 @@ def read_folder(folder, cfg):
     if not texts:
         raise UserError(f"{folder}: no .txt files in class sub-folders (expected {folder}/CLASS/*.txt)")
     if replaced:
-        print(f"Replaced undecodable bytes in {replaced} file(s) of {folder} (--decode-errors replace)")
+        say(f"Replaced undecodable bytes in {replaced} file(s) of {folder} (--decode-errors replace)")
     return Dataset.from_dict({"text": texts, "label": labels})
 
 
@@ -180,7 +185,7 @@ def standardize(ds, cfg, split):
     before = len(ds)
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
     if len(ds) < before:
-        print(f"Dropped {before - len(ds)} {split} example(s) with empty text")
+        say(f"Dropped {before - len(ds)} {split} example(s) with empty text")
     if len(ds) == 0:
         raise UserError(f"the {split} split has no examples with text")
     return ds
@@ -239,7 +244,7 @@ def use_cache_only_if_offline(cfg):
     try:
         socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
     except OSError:
-        print("The Hugging Face Hub cannot be reached: using only the local cache (as with HF_HUB_OFFLINE=1)")
+        say("The Hugging Face Hub cannot be reached: using only the local cache (as with HF_HUB_OFFLINE=1)")
         os.environ["HF_HUB_OFFLINE"] = "1"
         huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
 
@@ -291,10 +296,10 @@ def load_model(cfg, names):
     head = [k for k in new if not k.startswith(model.base_model_prefix)]
     body = [k for k in new if k.startswith(model.base_model_prefix)]
     if head:
-        print(f"New classification head ({', '.join(sorted({k.rsplit('.', 1)[0] for k in head}))}) for "
+        say(f"New classification head ({', '.join(sorted({k.rsplit('.', 1)[0] for k in head}))}) for "
               f"{len(names)} classes, randomly initialized: this is what fine-tuning trains")
     if body:  # not expected: the checkpoint does not match the architecture
-        print(f"Warning: {len(body)} weight(s) of the encoder were not in {cfg.model} and start random: "
+        say(f"Warning: {len(body)} weight(s) of the encoder were not in {cfg.model} and start random: "
               f"{', '.join(body[:4])}{'...' if len(body) > 4 else ''}", file=sys.stderr)
     return model
 
@@ -556,7 +561,7 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
     def on_step():
         if accelerator.check_trigger():  # Ctrl-C / SIGTERM, on any process
             save_checkpoint(out, state, accelerator)
-            accelerator.print(f"\nInterrupted: checkpoint saved at step {state['step']}. Resume with the same "
+            say(f"\nInterrupted: checkpoint saved at step {state['step']}. Resume with the same "
                               f"flags plus: --output-dir {out} --resume")
             raise KeyboardInterrupt
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
@@ -587,7 +592,7 @@ def setup(cfg, accelerator):
         data, names = load_data(cfg)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         data = tokenize(data, tokenizer, cfg.max_len)
-    accelerator.print(describe(data, names))
+    say(describe(data, names))
     model = load_model(cfg, names)
     optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
     loaders = make_loaders(data, tokenizer, cfg, accelerator.device.type)
@@ -598,7 +603,7 @@ def setup(cfg, accelerator):
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
     n = accelerator.num_processes
-    accelerator.print(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · "
+    say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · "
                       f"{accelerator.mixed_precision.replace('no', 'fp32')} on {accelerator.device} · {n} process(es) · batch "
                       f"{cfg.batch_size} × {n} × grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum}"
                       f" · {total_steps} steps")
@@ -610,7 +615,8 @@ def train(cfg: Config):
     started = time.time()
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     precision = choose_precision(cfg.precision, capability)
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+    several_cpu_processes = capability is None and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=several_cpu_processes,
                               step_scheduler_with_optimizer=False,  # we step it, once per optimizer step
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     out = choose_output_dir(cfg)
@@ -621,7 +627,7 @@ def train(cfg: Config):
     data, names, tokenizer, model, optimizer, scheduler, loaders = setup(cfg, accelerator)
     if cfg.resume:
         accelerator.load_state(out / "checkpoint")  # model, optimizer, schedule, scaler, RNG (weights_only loads)
-        accelerator.print(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
+        say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:  # the log as it stood at the checkpoint: later lines are written again
@@ -651,7 +657,7 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, n_train, sta
                           "train_examples_per_second": round(n_train * cfg.epochs / seconds, 2) if seconds else None}}
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)
-    accelerator.print(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
+    say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
                       f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
                       f"pipeline('text-classification', model='{out / 'best'}')")
     return metrics

@@ -1,0 +1,73 @@
+"""Two CPU processes (torchrun, gloo): every evaluated example counts once, and only one process writes."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import ROOT, toy_examples, write_csv
+from config import resolve
+from train import evaluate, load_data, make_loaders, tokenize
+
+
+def torchrun(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    train_csv = write_csv(folder / "train.csv", toy_examples(300, seed=1))
+    test_csv = write_csv(folder / "test.csv", toy_examples(41, seed=2))  # odd: the processes' shards differ
+    settings = dict(model=tiny_model, dataset=str(train_csv), test_file=str(test_csv), max_len=32, epochs=2,
+                    lr=3e-3, precision="fp32", eval_batch_size=4, output_dir=str(folder / "out"))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    return settings, torchrun("train.py", *flags)
+
+
+def test_each_test_example_counts_once_and_one_process_writes(two_process_run):
+    settings, stdout = two_process_run
+    out = settings["output_dir"]
+    metrics = json.loads(open(f"{out}/metrics.json").read())
+    assert metrics["num_processes"] == 2
+    assert metrics["test"]["n"] == 41 == sum(map(sum, metrics["test"]["confusion_matrix"]))
+    assert sorted(os.listdir(out)) == ["best", "checkpoint", "log.jsonl", "metrics.json"]
+    assert len(open(f"{out}/log.jsonl").read().splitlines()) == 2
+    assert stdout.count("Model: ") == 1 and stdout.count("Test accuracy") == 1  # the main process talks
+    assert "batch 16 × 2 × grad_accum 1 = 32" in stdout
+
+
+def test_two_process_metrics_equal_a_single_process_evaluation(two_process_run):
+    settings, _ = two_process_run
+    best = os.path.join(settings["output_dir"], "best")
+    cfg = resolve(**settings)
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    data = tokenize(load_data(cfg)[0], tokenizer, cfg.max_len)
+    model = AutoModelForSequenceClassification.from_pretrained(best)
+    single = evaluate(model, make_loaders(data, tokenizer, cfg, "cpu")["test"], Accelerator(cpu=True), ["neg", "pos"])
+    recorded = json.loads(open(os.path.join(settings["output_dir"], "metrics.json")).read())["test"]
+    assert single["confusion_matrix"] == recorded["confusion_matrix"]
+    assert single["accuracy"] == pytest.approx(recorded["accuracy"]) and single["n"] == 41
+
+
+def test_training_shards_cover_every_example_each_epoch():
+    """37 examples, micro-batches of 4, 2 processes: both take 5 batches, so accelerate (like torch's
+    DistributedSampler) wraps around to fill the last one. Every example is seen each epoch; only those few
+    wrap-around examples (fewer than processes x batch) twice; the order changes between epochs."""
+    epochs = [json.loads(line) for line in torchrun("tests/epoch_order.py", "37", "4").splitlines()
+              if line.startswith("{")]
+    for epoch in epochs:
+        counts = Counter(epoch["seen"])
+        assert set(counts) == set(range(37)) and epoch["batches"] == 5
+        assert sum(counts.values()) - 37 == 3 and max(counts.values()) == 2
+    assert epochs[0]["seen"] != epochs[1]["seen"]
+    assert torch.tensor(epochs[0]["seen"]).unique().numel() == 37
