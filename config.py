@@ -99,7 +99,8 @@ def validate(cfg):
     for name in ("train_samples", "eval_samples"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (or none), not {value}")
-    need(cfg.checkpoint_every >= 0, f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")
+    need(cfg.checkpoint_every >= 0,
+         f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")
     need(not (cfg.resume and cfg.overwrite), "--resume continues a run and --overwrite replaces it: pass one of them")
     need(not cfg.resume or cfg.output_dir, "--resume needs --output-dir: the folder of the run to continue")
     need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")

@@ -561,8 +561,8 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
     def on_step():
         if accelerator.check_trigger():  # Ctrl-C / SIGTERM, on any process
             save_checkpoint(out, state, accelerator)
-            say(f"\nInterrupted: checkpoint saved at step {state['step']}. Resume with the same "
-                              f"flags plus: --output-dir {out} --resume")
+            say(f"\nInterrupted: checkpoint saved at step {state['step']}. Resume with the same flags plus: "
+                f"--output-dir {out} --resume")
             raise KeyboardInterrupt
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
             save_checkpoint(out, state, accelerator)
@@ -603,10 +603,10 @@ def setup(cfg, accelerator):
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
     n = accelerator.num_processes
-    say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · "
-                      f"{accelerator.mixed_precision.replace('no', 'fp32')} on {accelerator.device} · {n} process(es) · batch "
-                      f"{cfg.batch_size} × {n} × grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum}"
-                      f" · {total_steps} steps")
+    precision, batch = accelerator.mixed_precision.replace("no", "fp32"), cfg.batch_size * n * cfg.grad_accum
+    say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · {precision} on "
+        f"{accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × grad_accum {cfg.grad_accum} = "
+        f"{batch} · {total_steps} steps")
     return data, names, tokenizer, model, optimizer, scheduler, loaders
 
 
@@ -658,8 +658,8 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, n_train, sta
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)
     say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
-                      f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
-                      f"pipeline('text-classification', model='{out / 'best'}')")
+        f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
+        f"pipeline('text-classification', model='{out / 'best'}')")
     return metrics
 
 

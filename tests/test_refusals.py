@@ -111,7 +111,8 @@ def test_existing_run_is_not_overwritten(tmp_path, toy_csv, tiny):
     assert (tmp_path / "out" / "metrics.json").read_text() == before
     (tmp_path / "out" / "notes.txt").write_text("mine")  # the user's own file in that folder
     metrics = train(resolve(dataset=toy_csv, output_dir=str(tmp_path / "out"), overwrite=True, seed=3, **tiny))
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["seed"] == 3 == metrics["config"]["seed"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["config"]["seed"] == 3
+    assert metrics["config"]["seed"] == 3
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
