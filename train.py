@@ -519,6 +519,8 @@ def make_loaders(data, tokenizer, cfg, device_type):
     on_gpu = device_type == "cuda"
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None)
     options = dict(collate_fn=collate, pin_memory=on_gpu, num_workers=2 if on_gpu else 0)
+    if on_gpu:  # tokenizing is done: say so before the workers fork, instead of tokenizers warning that it forks
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The training order comes from the seed and the epoch (accelerate's seedable sampler), and the loader's own
     # generator keeps it from drawing on the global RNG: a resumed run then sees the same batches and dropout.
     loaders = {"train": DataLoader(data["train"], batch_size=cfg.batch_size, shuffle=True,
