@@ -124,13 +124,13 @@ def _parse_value(kind):
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit 2 (through UserError), not usage + message
-        raise UserError(f"{message} (see python train.py --help)")
+        raise UserError(f"{message} (see python {self.prog} --help)")
 
 
 def build_parser():
-    parser = _Parser(description="Fine-tune a pretrained transformer into a text classifier.",
+    parser = OneLineParser(description="Fine-tune a pretrained transformer into a text classifier.",
                      argument_default=argparse.SUPPRESS)  # only flags actually given end up in the namespace
     for field in fields(Config):
         flags = [f"--{field.name.replace('_', '-')}"] + ([f"--{field.name}"] if "_" in field.name else [])

@@ -1,0 +1,162 @@
+"""Export a trained model to ONNX (and an int8 copy for CPUs), check both against PyTorch, and time all three.
+
+    pip install -r requirements-export.txt
+    python export.py runs/<run>/best                 # writes runs/<run>/best/onnx/model.onnx and model.int8.onnx
+    python export.py runs/<run>/best --benchmark     # + latency (one text) and throughput (batches) on this CPU
+
+The check runs on real inputs: the run's own test split (found through runs/<run>/metrics.json), or the texts of
+--file. It reports the largest logit difference from PyTorch (fp32 ONNX must be within 1e-4), how often the
+predictions agree, and accuracy on the test split for each of the three, into onnx/report.json.
+"""
+import json
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from config import Config, OneLineParser, UserError
+from predict import load_classifier, max_tokens, predict_logits, read_texts, torch_forward
+from train import load_data
+
+PARITY_LIMIT = 1e-4  # largest |logit difference| allowed between fp32 ONNX and PyTorch
+
+
+def need_onnx():
+    try:
+        import onnxruntime  # noqa: F401 -- only checking that they are there
+        import onnxscript  # noqa: F401 -- torch's ONNX exporter is built on it
+    except ImportError:
+        raise UserError("export needs onnx, onnxscript and onnxruntime: pip install -r requirements-export.txt") from None
+
+
+def export_onnx(model, tokenizer, path):
+    """torch.onnx.export (the torch.export-based exporter) with dynamic batch and sequence axes."""
+    model = model.cpu().eval()
+    example = tokenizer(["an example text to trace", "short"], padding=True, return_tensors="pt")
+    inputs = {name: example[name] for name in ("input_ids", "attention_mask")}
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    with warnings.catch_warnings():  # the exporter's notes on its own internals
+        warnings.simplefilter("ignore", (UserWarning, FutureWarning))
+        torch.onnx.export(model, (), str(path), kwargs=inputs, input_names=list(inputs), output_names=["logits"],
+                          dynamic_shapes={name: {0: batch, 1: sequence} for name in inputs}, dynamo=True,
+                          verbose=False)
+    return path
+
+
+def quantize(fp32_path, int8_path):
+    """int8 dynamic quantization: weights stored as int8, activations quantized on the fly."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # its advice to pre-process is for static quantization
+    try:
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    return int8_path
+
+
+def onnx_forward(path):
+    """padded inputs -> logits, for an ONNX model run by onnxruntime on the CPU."""
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda inputs: torch.from_numpy(session.run(None, {n: inputs[n].numpy() for n in names})[0])
+
+
+def real_inputs(model_dir, file, samples):
+    """(texts, labels or None, max_len or None): the run's test split and max_len when model_dir is a run's
+    best/, else the texts of --file."""
+    if file:
+        return read_texts(file)[:samples], None, None
+    metrics_file = Path(model_dir).parent / "metrics.json"
+    if not metrics_file.is_file():
+        raise UserError(f"no {metrics_file} to find the test split: pass --file with texts to check on")
+    config = json.loads(metrics_file.read_text())["config"]
+    cfg = Config(**{**config, "eval_samples": min(samples, config["eval_samples"] or samples)})
+    test = load_data(cfg)[0]["test"]
+    return list(test["text"]), list(test["label"]), cfg.max_len
+
+
+def timings(forward, tokenizer, texts, max_len, batch_size=64, runs=50):
+    """Latency of one median-length text (p50/p95, ms) and throughput over all the texts (texts/s)."""
+    text = sorted(texts, key=len)[len(texts) // 2]
+    predict_logits([text] * 3, tokenizer, forward, 1, max_len)  # warm-up
+    latencies = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        predict_logits([text], tokenizer, forward, 1, max_len)
+        latencies.append((time.perf_counter() - started) * 1000)
+    started = time.perf_counter()
+    predict_logits(texts, tokenizer, forward, batch_size, max_len)
+    quantiles = statistics.quantiles(latencies, n=20)
+    return {"latency_ms_p50": round(statistics.median(latencies), 2), "latency_ms_p95": round(quantiles[18], 2),
+            "texts_per_second": round(len(texts) / (time.perf_counter() - started), 1)}
+
+
+def size_in_bytes(onnx_path, model):
+    if onnx_path is None:  # PyTorch: the parameters
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(f.stat().st_size for f in Path(onnx_path).parent.glob(Path(onnx_path).name + "*"))  # + .data
+
+
+def compare(model_dir, out, texts, labels, max_len, benchmark):
+    """Export, quantize, check, and (optionally) time. Returns the report."""
+    model, tokenizer = load_classifier(str(model_dir), "cpu")
+    max_len = max_tokens(model, tokenizer, max_len)
+    fp32 = export_onnx(model, tokenizer, out / "model.onnx")
+    int8 = quantize(fp32, out / "model.int8.onnx")
+    forwards = {"pytorch": torch_forward(model), "onnx": onnx_forward(fp32), "onnx_int8": onnx_forward(int8)}
+    logits = {name: predict_logits(texts, tokenizer, f, 64, max_len) for name, f in forwards.items()}
+    reference = logits["pytorch"].argmax(-1)
+    report = {"n": len(texts), "max_len": max_len, "files": {"onnx": str(fp32), "onnx_int8": str(int8)}}
+    for name, values in logits.items():
+        row = {"max_abs_logit_diff": float((values - logits["pytorch"]).abs().max()),
+               "agreement": float((values.argmax(-1) == reference).float().mean()),
+               "size_mb": round(size_in_bytes(report["files"].get(name), model) / 2**20, 1)}
+        if labels is not None:
+            row["accuracy"] = float((values.argmax(-1) == torch.tensor(labels)).float().mean())
+        if benchmark:
+            row.update(timings(forwards[name], tokenizer, texts, max_len))
+        report[name] = row
+    return report
+
+
+def print_report(report):
+    columns = [c for c in ("accuracy", "max_abs_logit_diff", "agreement", "size_mb", "latency_ms_p50",
+                           "latency_ms_p95", "texts_per_second") if c in report["pytorch"]]
+    print(f"{'':10}" + "".join(f"{c:>20}" for c in columns) + f"   (n={report['n']}, max_len {report['max_len']})")
+    for name in ("pytorch", "onnx", "onnx_int8"):
+        print(f"{name:10}" + "".join(f"{report[name][c]:>20.6g}" for c in columns))
+
+
+def main(argv=None):
+    parser = OneLineParser(description="Export a trained model to ONNX (+ int8), check it and time it.")
+    parser.add_argument("model_dir", help="a trained model folder, e.g. runs/<run>/best")
+    parser.add_argument("--output-dir", help="where the .onnx files go (default: MODEL_DIR/onnx)")
+    parser.add_argument("--file", help="texts to check on (default: the run's test split)")
+    parser.add_argument("--samples", type=int, default=500, help="how many texts to check and time on")
+    parser.add_argument("--benchmark", action="store_true", help="also measure latency and throughput")
+    try:
+        args = parser.parse_args(argv)
+        need_onnx()
+        texts, labels, max_len = real_inputs(args.model_dir, args.file, args.samples)
+        out = Path(args.output_dir or Path(args.model_dir) / "onnx")
+        out.mkdir(parents=True, exist_ok=True)
+        report = compare(args.model_dir, out, texts, labels, max_len, args.benchmark)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
+    if report["onnx"]["max_abs_logit_diff"] > PARITY_LIMIT or report["onnx"]["agreement"] < 1:
+        print(f"error: the ONNX model differs from PyTorch by more than {PARITY_LIMIT}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
