@@ -42,6 +42,7 @@ class Config:
     warmup_ratio: float = 0.06
     scheduler: str = "cosine"  # cosine | linear | constant (all after warmup)
     grad_accum: int = 1
+    group_by_length: bool = True  # training batches of similar-length texts: less padding, same randomness
     max_grad_norm: float = 1.0  # 0 = no clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     metric_for_best: str = "accuracy"  # accuracy | f1_macro

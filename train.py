@@ -229,9 +229,13 @@ def load_data(cfg):
 
 
 def tokenize(data, tokenizer, max_len):
-    """Token ids per example, truncated to max_len and NOT padded: each batch is padded to its own longest."""
-    return data.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_len),
-                    batched=True, remove_columns=["text"])
+    """Token ids per example, truncated to max_len and NOT padded: each batch is padded to its own longest.
+    The `length` column is for batching texts of similar length together (make_loaders takes it off)."""
+    def encode(batch):
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_len)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+    return data.map(encode, batched=True, remove_columns=["text"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,7 +428,7 @@ def new_state(cfg):
     """Where training stands. Saved with every checkpoint; the model, optimizer, schedule, loss scaler and random
     number generators are saved beside it by accelerate."""
     return {"epoch": 1, "batches_done": 0, "loss_sum": 0.0, "step": 0, "best_score": None, "best_epoch": None,
-            "best_val": None, "log": [], "log_mark": [0.0, 0], "train_seconds": 0.0,
+            "best_val": None, "log": [], "log_mark": [0.0, 0], "tokens": [0, 0], "train_seconds": 0.0,
             "config": dataclasses.asdict(cfg)}
 
 
@@ -487,7 +491,7 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
     group's gradient is the mean over its examples, exactly as one big batch would give."""
     model.train()
     n = state["batches_done"] + len(batches)  # micro-batches in the whole epoch
-    group_loss = 0.0
+    group_loss, group_tokens, group_positions = 0.0, 0, 0
     for i, batch in enumerate(batches, start=state["batches_done"]):
         group_start = i - i % cfg.grad_accum
         group_size = min(cfg.grad_accum, n - group_start)
@@ -496,6 +500,8 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
             loss = model(**batch).loss
             accelerator.backward(loss / group_size)
         group_loss += loss.detach()
+        group_tokens += batch["attention_mask"].sum()  # real tokens; the rest of the positions are padding
+        group_positions += batch["attention_mask"].numel()
         bar.update(1)
         if not step_now:
             continue
@@ -510,27 +516,70 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
         if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        state.update(batches_done=i + 1, step=state["step"] + 1, loss_sum=state["loss_sum"] + group_total)
-        group_loss = 0.0
+        state.update(batches_done=i + 1, step=state["step"] + 1, loss_sum=state["loss_sum"] + group_total,
+                     tokens=[state["tokens"][0] + int(group_tokens), state["tokens"][1] + group_positions])
+        group_loss, group_tokens, group_positions = 0.0, 0, 0
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         on_step()
     total = accelerator.reduce(torch.tensor(state["loss_sum"], device=accelerator.device), reduction="mean")
     return float(total) / n  # mean loss per micro-batch, over all processes
 
 
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Training batches of texts of similar length, so that little of each batch is padding, yet random: each epoch
+    (seeded by seed + epoch) shuffle, sort by length inside chunks of 64 batches, cut into batches, shuffle the
+    batches. Every example comes once per epoch; the one partial batch comes last."""
+
+    def __init__(self, lengths, batch_size, seed, chunk=64):
+        self.lengths, self.batch_size, self.seed, self.chunk, self.epoch = list(lengths), batch_size, seed, chunk, 0
+        self.drop_last = False  # what accelerate looks for when it shards the batches across processes
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    @property
+    def sampler(self):  # where accelerate's loader looks for set_epoch once it has sharded these batches
+        return self
+
+    def __len__(self):
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order, size = torch.randperm(len(self.lengths), generator=generator).tolist(), self.batch_size * self.chunk
+        order = [i for start in range(0, len(order), size)
+                 for i in sorted(order[start:start + size], key=self.lengths.__getitem__)]
+        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        full = len(batches) - (len(batches[-1]) < self.batch_size if batches else 0)
+        shuffled = [batches[i] for i in torch.randperm(full, generator=generator).tolist()]
+        return iter(shuffled + batches[full:])
+
+
 def make_loaders(data, tokenizer, cfg, device_type):
+    """Batches padded per batch (to a multiple of 8 on GPUs, for tensor cores); training batches grouped by length
+    (unless --no-group-by-length); evaluation in order of length, longest first (the metrics do not depend on the
+    order, and an out-of-memory error then shows at once)."""
     on_gpu = device_type == "cuda"
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None)
     options = dict(collate_fn=collate, pin_memory=on_gpu, num_workers=2 if on_gpu else 0)
     if on_gpu:  # tokenizing is done: say so before the workers fork, instead of tokenizers warning that it forks
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The training order comes from the seed and the epoch (accelerate's seedable sampler), and the loader's own
-    # generator keeps it from drawing on the global RNG: a resumed run then sees the same batches and dropout.
-    loaders = {"train": DataLoader(data["train"], batch_size=cfg.batch_size, shuffle=True,
-                                   generator=torch.Generator().manual_seed(cfg.seed), **options)}
+    # The order comes from the seed and the epoch, and the loader's own generator keeps it from drawing on the
+    # global RNG: a resumed run then sees the same batches and the same dropout.
+    train, generator = data["train"], torch.Generator().manual_seed(cfg.seed)
+    if cfg.group_by_length:
+        batches = LengthGroupedBatches(train["length"], cfg.batch_size, cfg.seed)
+        loaders = {"train": DataLoader(train.remove_columns("length"), batch_sampler=batches, generator=generator,
+                                       **options)}
+    else:  # accelerate's seedable sampler reshuffles by seed and epoch
+        loaders = {"train": DataLoader(train.remove_columns("length"), batch_size=cfg.batch_size, shuffle=True,
+                                       generator=generator, **options)}
     for split in ("validation", "test"):
         if split in data:
-            loaders[split] = DataLoader(data[split], batch_size=cfg.eval_batch_size, **options)
+            lengths = list(data[split]["length"])
+            longest_first = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+            by_length = data[split].select(longest_first).remove_columns("length")
+            loaders[split] = DataLoader(by_length, batch_size=cfg.eval_batch_size, **options)
     return loaders
 
 
@@ -555,7 +604,8 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
     summary = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
     if val:
         summary += f" · val accuracy {val['accuracy']:.4f} · macro-F1 {val['f1_macro']:.4f}"
-    return summary + f" · lr {record['lr']:.2e} · {seconds:.0f}s" + (" *" if improved else "")
+    return summary + f" · lr {record['lr']:.2e} · padding {record['padding']:.0%} · {seconds:.0f}s" + \
+        (" *" if improved else "")
 
 
 def append_to_log(record, state, out, accelerator):
@@ -599,10 +649,11 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
                   disable=not main) as bar:
             train_loss = train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step)
         state["train_seconds"] += time.time() - started
+        tokens = accelerator.reduce(torch.tensor(state["tokens"], device=accelerator.device), reduction="sum")
         record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": train_loss,
-                  "lr": scheduler.get_last_lr()[0]}
+                  "lr": scheduler.get_last_lr()[0], "padding": round(1 - int(tokens[0]) / max(int(tokens[1]), 1), 4)}
         summary = end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started)
-        state.update(epoch=epoch + 1, batches_done=0, loss_sum=0.0, log_mark=[0.0, 0])
+        state.update(epoch=epoch + 1, batches_done=0, loss_sum=0.0, log_mark=[0.0, 0], tokens=[0, 0])
         save_checkpoint(out, state, accelerator)
         if main:
             tqdm.write(summary)  # tqdm.write keeps the bars intact

@@ -21,7 +21,8 @@ class IdTokenizer:  # enough of a tokenizer for DataCollatorWithPadding: ids are
 
 n, batch_size = int(sys.argv[1]), int(sys.argv[2])
 accelerator = Accelerator(cpu=True)
-data = {"train": Dataset.from_dict({"input_ids": [[i] for i in range(n)], "label": [i % 2 for i in range(n)]})}
+data = {"train": Dataset.from_dict({"input_ids": [[i] for i in range(n)], "label": [i % 2 for i in range(n)],
+                                    "length": [1 + i % 5 for i in range(n)]})}
 loader = accelerator.prepare(make_loaders(data, IdTokenizer(), resolve(batch_size=batch_size), "cpu")["train"])
 for epoch in (1, 2):
     loader.set_epoch(epoch)

@@ -35,7 +35,7 @@ def step_gradients(tiny_model, n_examples, batch_size, grad_accum):
     model = load_model(cfg, ["neg", "pos"])
     optimizer = RecordingSGD(model.parameters())
     scheduler = get_scheduler("constant", optimizer)
-    state = {"batches_done": 0, "loss_sum": 0.0, "step": 0}
+    state = {"batches_done": 0, "loss_sum": 0.0, "step": 0, "tokens": [0, 0]}
     train_epoch(model, loader, optimizer, scheduler, Accelerator(cpu=True), cfg, tqdm(disable=True), state)
     return optimizer.seen
 
