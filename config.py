@@ -43,8 +43,10 @@ class Config:
     scheduler: str = "cosine"  # cosine | linear | constant (all after warmup)
     grad_accum: int = 1
     group_by_length: bool = True  # training batches of similar-length texts: less padding, same randomness
+    pad_to_max_len: bool = False  # pad every batch to max_len, as older tutorials do (slower; for comparisons)
     max_grad_norm: float = 1.0  # 0 = no clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    attention: str = "auto"  # auto | sdpa | eager: the attention kernels (auto: the faster one measured per device)
     metric_for_best: str = "accuracy"  # accuracy | f1_macro
     seed: int = 42
     trust_remote_code: bool = False
@@ -61,6 +63,7 @@ class Config:
 CHOICES = {
     "scheduler": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "attention": ("auto", "sdpa", "eager"),
     "metric_for_best": ("accuracy", "f1_macro"),
     "decode_errors": ("strict", "replace"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow"),

@@ -117,3 +117,10 @@ def test_reloaded_model_predicts_the_same(tmp_path, fast, toy_csv):
                                    return_tensors="pt")).logits
     again = classification_metrics(list(test["label"]), logits.argmax(-1).numpy(), ["neg", "pos"])
     assert again["confusion_matrix"] == metrics["test"]["confusion_matrix"]
+
+
+def test_a_second_run_in_the_same_process_may_change_precision(tmp_path, fast, toy_csv):
+    """As in a notebook: train in fp32, then again in bf16 (accelerate keeps its state per process)."""
+    run(tmp_path / "a", toy_csv, **{**fast, "epochs": 1})
+    metrics = run(tmp_path / "b", toy_csv, **{**fast, "epochs": 1, "precision": "bf16"})
+    assert metrics["precision"] == "bf16" and metrics["test"]["n"] == 80
