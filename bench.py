@@ -112,7 +112,8 @@ def run_trainer(settings, folder):
                              per_device_eval_batch_size=cfg.eval_batch_size, num_train_epochs=cfg.epochs,
                              learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
                              lr_scheduler_type="cosine", seed=cfg.seed, eval_strategy="no", save_strategy="no",
-                             logging_strategy="no", report_to="none", disable_tqdm=True)
+                             logging_strategy="no", report_to="none", disable_tqdm=True,
+                             dataloader_pin_memory=torch.cuda.is_available())  # no pin-memory warning on a CPU
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], processing_class=tokenizer)
     train_seconds = trainer.train().metrics["train_runtime"]
     started = time.perf_counter()

@@ -70,7 +70,7 @@ def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
 
 
 @pytest.mark.parametrize("requested, capability, chosen", [
-    ("auto", None, "fp32"),     # CPU
+    ("auto", None, "fp32"),     # CPU without native bf16
     ("auto", (7, 5), "fp16"),   # T4
     ("auto", (7, 0), "fp16"),   # V100
     ("auto", (8, 0), "bf16"),   # A100
@@ -80,6 +80,12 @@ def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
 ])
 def test_precision_choice(requested, capability, chosen):
     assert choose_precision(requested, capability) == chosen
+
+
+def test_auto_takes_bf16_on_a_cpu_that_has_it():
+    assert choose_precision("auto", None, cpu_bf16=True) == "bf16"
+    assert choose_precision("fp32", None, cpu_bf16=True) == "fp32"
+    assert choose_precision("auto", (7, 5), cpu_bf16=True) == "fp16"  # the GPU decides when there is one
 
 
 def test_fp16_on_cpu_is_refused():

@@ -75,3 +75,21 @@ def test_padding_to_a_multiple_of_8_changes_no_loss(tiny_model, toy_split):
             losses.append(model(**batch).loss)
     assert widths[0] % 8 != 0 and widths[1] % 8 == 0 and widths[1] > widths[0]  # really padded further
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_bench_runs_all_three_and_writes_json(tiny_model, toy_csv, tmp_path):
+    """A smoke run of bench.py on the tiny model (the timings themselves are for the README, not for tests)."""
+    import json
+
+    from bench import main
+    main(["--model", tiny_model, "--dataset", toy_csv, "--train-samples", "32", "--eval-samples", "32",
+          "--max-len", "32", "--json", str(tmp_path / "bench.json")])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert list(report["results"]) == ["tutorial", "trainer", "ours"]
+    for row in report["results"].values():
+        assert row["train_examples_per_s"] > 0 and row["eval_examples_per_s"] > 0 and row["peak_memory_mb"] > 0
+        assert 0 < row["mfu"] < 1 and 0 <= row["accuracy"] <= 1
+    tutorial, ours = report["results"]["tutorial"], report["results"]["ours"]
+    padding = {name: row["padded_tokens_per_s"] / row["real_tokens_per_s"] for name, row in
+               (("tutorial", tutorial), ("ours", ours))}
+    assert padding["tutorial"] > 1.5 and padding["ours"] < padding["tutorial"]  # toy texts: 6-22 tokens of 32
