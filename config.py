@@ -44,6 +44,7 @@ class Config:
     grad_accum: int = 1
     group_by_length: bool = True  # training batches of similar-length texts: less padding, same randomness
     pad_to_max_len: bool = False  # pad every batch to max_len, as older tutorials do (slower; for comparisons)
+    compile: bool = False  # torch.compile the model: minutes of compiling, for long GPU runs; lengths padded to x64
     max_grad_norm: float = 1.0  # 0 = no clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     attention: str = "auto"  # auto | sdpa | eager: the attention kernels (auto: the faster one measured per device)

@@ -429,7 +429,7 @@ def save_model(model, tokenizer, folder, accelerator):
     if accelerator.is_main_process:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)
+        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         swap_in(tmp, folder)
     accelerator.wait_for_everyone()
@@ -578,7 +578,10 @@ def make_loaders(data, tokenizer, cfg, device_type):
     order, and an out-of-memory error then shows at once)."""
     on_gpu = device_type == "cuda"
     padding = dict(padding="max_length", max_length=cfg.max_len) if cfg.pad_to_max_len else {}
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if on_gpu else None, **padding)
+    # --compile: lengths in steps of (up to) 64, so that the compiled model meets a few shapes, not one per batch;
+    # a step that divides max_len never pads past it
+    multiple = math.gcd(64 if cfg.compile else 8, cfg.max_len) if cfg.compile or on_gpu else None
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, **padding)
     options = dict(collate_fn=collate, pin_memory=on_gpu, num_workers=2 if on_gpu else 0)
     if on_gpu:  # tokenizing is done: say so before the workers fork, instead of tokenizers warning that it forks
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -730,6 +733,7 @@ def train(cfg: Config):
     out = choose_output_dir(cfg)
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=several_cpu_processes,
                               project_dir=str(out), log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              dynamo_backend="inductor" if cfg.compile else None,  # prepare() compiles the model
                               step_scheduler_with_optimizer=False,  # we step it, once per optimizer step
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)

@@ -93,3 +93,19 @@ def test_bench_runs_all_three_and_writes_json(tiny_model, toy_csv, tmp_path):
     padding = {name: row["padded_tokens_per_s"] / row["real_tokens_per_s"] for name, row in
                (("tutorial", tutorial), ("ours", ours))}
     assert padding["tutorial"] > 1.5 and padding["ours"] < padding["tutorial"]  # toy texts: 6-22 tokens of 32
+
+
+def test_compiled_training_saves_a_plain_model(tiny_model, toy_csv, tmp_path):
+    """--compile (torch.compile through accelerate): trains, and best/ holds ordinary weights a pipeline loads."""
+    import json
+
+    from transformers import pipeline
+
+    from train import train
+    metrics = train(resolve(model=tiny_model, dataset=toy_csv, max_len=32, epochs=1, lr=3e-3, precision="fp32",
+                            compile=True, output_dir=str(tmp_path / "out")))
+    assert metrics["test"]["n"] == 80
+    (epoch,) = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert epoch["positions"] == 288 * 32  # toy texts (6-22 tokens) padded to the bucket of 32 = max_len, no more
+    classify = pipeline("text-classification", model=str(tmp_path / "out" / "best"), device="cpu")
+    assert classify("a great film")[0]["label"] in ("neg", "pos")
