@@ -28,7 +28,7 @@ import torch
 import transformers
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from torch.utils.data import DataLoader
@@ -542,14 +542,20 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
     return float(total) / n  # mean loss per micro-batch, over all processes
 
 
-class LengthGroupedBatches(torch.utils.data.Sampler):
-    """Training batches of texts of similar length, so that little of each batch is padding, yet random: each epoch
-    (seeded by seed + epoch) shuffle, sort by length inside chunks of 64 batches, cut into batches, shuffle the
-    batches. Every example comes once per epoch; the one partial batch comes last."""
+class TrainingBatches(torch.utils.data.Sampler):
+    """One epoch's training batches, seeded by seed + epoch (a resumed run sees the same ones): the examples
+    shuffled and, with group_by_length, sorted by length inside chunks of 64 batches so that little of each batch is
+    padding; then the batches shuffled, the one partial batch last. Every example comes exactly once per epoch, also
+    across several processes: the number of batches is made a multiple of the processes by halving the largest
+    ones, so that accelerate hands every process as many batches without repeating examples to fill a round."""
+    batch_size = None  # batches may differ in size: accelerate then deals them out as they are
+    drop_last = False
 
-    def __init__(self, lengths, batch_size, seed, chunk=64):
-        self.lengths, self.batch_size, self.seed, self.chunk, self.epoch = list(lengths), batch_size, seed, chunk, 0
-        self.drop_last = False  # what accelerate looks for when it shards the batches across processes
+    def __init__(self, lengths, batch_size, seed, group_by_length=True, processes=1, chunk=64):
+        if len(lengths) < processes:
+            raise UserError(f"{len(lengths)} training examples cannot be shared among {processes} processes")
+        self.lengths, self.size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+        self.group_by_length, self.processes, self.chunk = group_by_length, processes, chunk
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -559,20 +565,25 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         return self
 
     def __len__(self):
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return math.ceil(math.ceil(len(self.lengths) / self.size) / self.processes) * self.processes
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order, size = torch.randperm(len(self.lengths), generator=generator).tolist(), self.batch_size * self.chunk
-        order = [i for start in range(0, len(order), size)
-                 for i in sorted(order[start:start + size], key=self.lengths.__getitem__)]
-        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        full = len(batches) - (len(batches[-1]) < self.batch_size if batches else 0)
-        shuffled = [batches[i] for i in torch.randperm(full, generator=generator).tolist()]
-        return iter(shuffled + batches[full:])
+        order, size = torch.randperm(len(self.lengths), generator=generator).tolist(), self.size * self.chunk
+        if self.group_by_length:
+            order = [i for start in range(0, len(order), size)
+                     for i in sorted(order[start:start + size], key=self.lengths.__getitem__)]
+        batches = [order[start:start + self.size] for start in range(0, len(order), self.size)]
+        full = len(batches) - (len(batches[-1]) < self.size)
+        batches = [batches[i] for i in torch.randperm(full, generator=generator).tolist()] + batches[full:]
+        while len(batches) % self.processes:
+            largest = max(range(len(batches)), key=lambda b: len(batches[b]))
+            half = len(batches[largest]) // 2
+            batches[largest:largest + 1] = [batches[largest][:half], batches[largest][half:]]
+        return iter(batches)
 
 
-def make_loaders(data, tokenizer, cfg, device_type):
+def make_loaders(data, tokenizer, cfg, device_type, processes=1):
     """Batches padded per batch (to a multiple of 8 on GPUs, for tensor cores); training batches grouped by length
     (unless --no-group-by-length); evaluation in order of length, longest first (the metrics do not depend on the
     order, and an out-of-memory error then shows at once)."""
@@ -585,16 +596,10 @@ def make_loaders(data, tokenizer, cfg, device_type):
     options = dict(collate_fn=collate, pin_memory=on_gpu, num_workers=2 if on_gpu else 0)
     if on_gpu:  # tokenizing is done: say so before the workers fork, instead of tokenizers warning that it forks
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The order comes from the seed and the epoch, and the loader's own generator keeps it from drawing on the
-    # global RNG: a resumed run then sees the same batches and the same dropout.
-    train, generator = data["train"], torch.Generator().manual_seed(cfg.seed)
-    if cfg.group_by_length:
-        batches = LengthGroupedBatches(train["length"], cfg.batch_size, cfg.seed)
-        loaders = {"train": DataLoader(train.remove_columns("length"), batch_sampler=batches, generator=generator,
-                                       **options)}
-    else:  # accelerate's seedable sampler reshuffles by seed and epoch
-        loaders = {"train": DataLoader(train.remove_columns("length"), batch_size=cfg.batch_size, shuffle=True,
-                                       generator=generator, **options)}
+    # The loader's own generator keeps it from drawing on the global RNG: a resumed run then sees the same dropout.
+    batches = TrainingBatches(data["train"]["length"], cfg.batch_size, cfg.seed, cfg.group_by_length, processes)
+    loaders = {"train": DataLoader(data["train"].remove_columns("length"), batch_sampler=batches,
+                                   generator=torch.Generator().manual_seed(cfg.seed), **options)}
     for split in ("validation", "test"):
         if split in data:
             lengths = list(data[split]["length"])
@@ -695,7 +700,7 @@ def setup(cfg, accelerator):
     attention = choose_attention(cfg.attention, accelerator.device.type, precision)
     model = load_model(cfg, names, attention)
     optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
-    loaders = make_loaders(data, tokenizer, cfg, accelerator.device.type)
+    loaders = make_loaders(data, tokenizer, cfg, accelerator.device.type, accelerator.num_processes)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
     total_steps = math.ceil(len(loaders["train"]) / cfg.grad_accum) * cfg.epochs  # optimizer steps, per process
@@ -734,8 +739,7 @@ def train(cfg: Config):
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=several_cpu_processes,
                               project_dir=str(out), log_with=None if cfg.report_to == "none" else cfg.report_to,
                               dynamo_backend="inductor" if cfg.compile else None,  # prepare() compiles the model
-                              step_scheduler_with_optimizer=False,  # we step it, once per optimizer step
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              step_scheduler_with_optimizer=False)  # we step it, once per optimizer step
     state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
     use_cache_only_if_offline(cfg)
     load_model_config(cfg)

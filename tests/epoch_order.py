@@ -4,6 +4,7 @@ import json
 import sys
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import Dataset
 
 from config import resolve
@@ -23,10 +24,12 @@ n, batch_size = int(sys.argv[1]), int(sys.argv[2])
 accelerator = Accelerator(cpu=True)
 data = {"train": Dataset.from_dict({"input_ids": [[i] for i in range(n)], "label": [i % 2 for i in range(n)],
                                     "length": [1 + i % 5 for i in range(n)]})}
-loader = accelerator.prepare(make_loaders(data, IdTokenizer(), resolve(batch_size=batch_size), "cpu")["train"])
+loaders = make_loaders(data, IdTokenizer(), resolve(batch_size=batch_size), "cpu", accelerator.num_processes)
+loader = accelerator.prepare(loaders["train"])
 for epoch in (1, 2):
     loader.set_epoch(epoch)
-    seen = [accelerator.gather(batch["input_ids"][:, 0]).tolist() for batch in loader]
+    mine = [i for batch in loader for i in batch["input_ids"][:, 0].tolist()]  # batches may differ in size
+    seen = gather_object(mine)
     if accelerator.is_main_process:
-        print(json.dumps({"epoch": epoch, "seen": [i for ids in seen for i in ids], "batches": len(loader)}))
+        print(json.dumps({"epoch": epoch, "seen": seen, "batches": len(loader)}))
 accelerator.end_training()  # tear the process group down cleanly

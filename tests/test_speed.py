@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from conftest import toy_examples
 from config import resolve
-from train import LengthGroupedBatches, evaluate, load_model, make_loaders, tokenize
+from train import TrainingBatches, evaluate, load_model, make_loaders, tokenize
 
 
 def padding_share(batches, lengths):
@@ -20,7 +20,7 @@ def padding_share(batches, lengths):
 def test_length_grouping_sees_every_example_once_per_epoch_with_less_padding():
     rng = random.Random(0)
     lengths = [rng.randint(5, 400) for _ in range(1000)]
-    sampler = LengthGroupedBatches(lengths, batch_size=16, seed=42)
+    sampler = TrainingBatches(lengths, batch_size=16, seed=42)
     epochs = []
     for epoch in (1, 2):
         sampler.set_epoch(epoch)
@@ -109,3 +109,13 @@ def test_compiled_training_saves_a_plain_model(tiny_model, toy_csv, tmp_path):
     assert epoch["positions"] == 288 * 32  # toy texts (6-22 tokens) padded to the bucket of 32 = max_len, no more
     classify = pipeline("text-classification", model=str(tmp_path / "out" / "best"), device="cpu")
     assert classify("a great film")[0]["label"] in ("neg", "pos")
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_batches_for_several_processes_hold_every_example_once(group_by_length):
+    """1,000 examples in batches of 16 make 63 batches; for 4 processes the largest are halved up to 64, so each
+    process gets 16 and no example is repeated to even out the last round."""
+    sampler = TrainingBatches(list(range(1000)), batch_size=16, seed=0, group_by_length=group_by_length, processes=4)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 64 and all(batches)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
