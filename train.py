@@ -779,7 +779,8 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, sizes, start
     test_seconds, seconds = time.time() - test_started, state["train_seconds"]
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "config": dataclasses.asdict(cfg), "output_dir": str(out), "precision": precision,
-               "num_processes": accelerator.num_processes,
+               "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:
+               "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
                "timing": {"total_seconds": round(time.time() - started, 2), "train_seconds": round(seconds, 2),
                           "train_examples_per_second": round(sizes["train"] * cfg.epochs / max(seconds, 1e-9), 2),
                           "test_seconds": round(test_seconds, 2),

@@ -36,7 +36,7 @@ def test_each_test_example_counts_once_and_one_process_writes(two_process_run):
     settings, stdout = two_process_run
     out = settings["output_dir"]
     metrics = json.loads(open(f"{out}/metrics.json").read())
-    assert metrics["num_processes"] == 2
+    assert metrics["num_processes"] == 2 and metrics["global_batch_size"] == 32
     assert metrics["test"]["n"] == 41 == sum(map(sum, metrics["test"]["confusion_matrix"]))
     assert sorted(os.listdir(out)) == ["best", "checkpoint", "confusion.png", "curves.png", "log.jsonl", "metrics.json"]
     assert len(open(f"{out}/log.jsonl").read().splitlines()) == 2
