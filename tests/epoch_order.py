@@ -8,7 +8,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 
 from config import resolve
-from train import make_loaders
+from data import make_loaders
 
 
 class IdTokenizer:  # enough of a tokenizer for DataCollatorWithPadding: ids are padded with 0

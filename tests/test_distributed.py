@@ -8,9 +8,11 @@ import pytest
 from accelerate import Accelerator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import ROOT, toy_examples, write_csv
+from conftest import ROOT
+from toy import toy_examples, write_csv
 from config import resolve
-from train import evaluate, load_data, make_loaders, tokenize
+from data import load_data, make_loaders, tokenize
+from train import evaluate
 
 
 def torchrun(*args):

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler
 
-from conftest import toy_examples
+from toy import toy_examples
 from config import UserError, resolve
 from train import choose_precision, classification_metrics, load_model, make_optimizer, train_epoch
 

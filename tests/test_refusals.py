@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, toy_examples, write_csv
+from conftest import ROOT
+from toy import toy_examples, write_csv
 from config import UserError, resolve
 from train import train
 

@@ -1,5 +1,7 @@
 """What people look at: length statistics, curves.png, confusion.png, the model card, tensorboard, step rows."""
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -7,8 +9,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 import config
+from conftest import ROOT
 from config import UserError, resolve
-from report import describe_lengths, length_stats
+from report import describe_lengths, length_stats, model_card
 from train import train
 
 
@@ -35,7 +38,13 @@ def test_model_card_header_and_numbers_match_metrics(run):
     text = (out / "best" / "README.md").read_text()
     header = yaml.safe_load(text.split("---")[1])
     assert header["pipeline_tag"] == "text-classification" and header["library_name"] == "transformers"
-    assert header["base_model"] == metrics["config"]["model"] and header["datasets"] == [metrics["config"]["dataset"]]
+    # a local model and data file: no local paths in the header (they mean nothing on the Hub), but in the text
+    assert "base_model" not in header and "datasets" not in header and "dataset" not in str(header["model-index"])
+    assert f"fine-tuned from `{metrics['config']['model']}`" in text and f"on `{metrics['config']['dataset']}`" in text
+    hub_run = {**metrics, "config": {**metrics["config"], "model": "distilbert-base-uncased",
+                                     "dataset": "stanfordnlp/imdb"}}
+    hub_header = yaml.safe_load(model_card(hub_run, {"train": 1}).split("---")[1])
+    assert hub_header["base_model"] == "distilbert-base-uncased" and hub_header["datasets"] == ["stanfordnlp/imdb"]
     values = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
     assert values == {"accuracy": metrics["test"]["accuracy"], "f1": metrics["test"]["f1_macro"]}
     assert f"| accuracy | {metrics['test']['accuracy']:.4f} |" in text
@@ -79,3 +88,20 @@ def test_missing_tracker_package_is_refused_up_front(monkeypatch):
     monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="--report-to wandb needs its package: pip install wandb"):
         resolve(report_to="wandb")
+
+
+def test_a_failing_picture_costs_nothing_else(tiny_model, toy_csv, tmp_path):
+    """Without matplotlib (the crash of a user's first run, once): exit 0, the test metrics printed, the model,
+    metrics.json and the model card written, and one line naming each picture that could not be drawn."""
+    out = tmp_path / "run"
+    flags = ["--model", tiny_model, "--dataset", toy_csv, "--max-len", "32", "--epochs", "1", "--precision", "fp32",
+             "--output-dir", str(out)]
+    no_matplotlib = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['train.py'] + sys.argv[1:]; "
+                     "runpy.run_path('train.py', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", no_matplotlib, *flags], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Test accuracy" in run.stdout and f"Model saved to {out / 'best'}" in run.stdout
+    failed = [line for line in run.stderr.splitlines() if line.startswith("Could not write")]
+    assert [line.split(":")[0] for line in failed] == ["Could not write curves.png", "Could not write confusion.png"]
+    assert (out / "metrics.json").is_file() and (out / "best" / "model.safetensors").is_file()
+    assert (out / "best" / "README.md").is_file() and not (out / "curves.png").exists()

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_module
-from conftest import ROOT, toy_examples, write_csv
+from conftest import ROOT
+from toy import toy_examples, write_csv
 from config import UserError, resolve
 from train import train
 

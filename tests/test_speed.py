@@ -8,9 +8,10 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
-from conftest import toy_examples
+from toy import toy_examples
 from config import resolve
-from train import TrainingBatches, evaluate, load_model, make_loaders, tokenize
+from data import TrainingBatches, make_loaders, tokenize
+from train import evaluate, load_model
 
 
 def padding_share(batches, lengths):
@@ -72,7 +73,7 @@ def test_padding_to_a_multiple_of_8_changes_no_loss(tiny_model, toy_split):
         batch = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)(features)
         widths.append(batch["input_ids"].shape[1])
         with torch.no_grad():
-            losses.append(model(**batch).loss)
+            losses.append(float(model(**batch).loss))
     assert widths[0] % 8 != 0 and widths[1] % 8 == 0 and widths[1] > widths[0]  # really padded further
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import pipeline
 
-from conftest import toy_examples, write_csv
+from toy import toy_examples, write_csv
 from config import resolve
 from train import train
 
@@ -106,7 +106,8 @@ def test_same_seed_same_metrics(tmp_path, fast, toy_csv):
 def test_reloaded_model_predicts_the_same(tmp_path, fast, toy_csv):
     """best/ holds the model that was tested: reloading and evaluating gives the recorded test metrics."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from train import classification_metrics, load_data
+    from data import load_data
+    from train import classification_metrics
     cfg = resolve(dataset=toy_csv, output_dir=str(tmp_path / "out"), **fast)
     metrics = train(cfg)
     best = tmp_path / "out" / "best"
