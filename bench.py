@@ -32,7 +32,8 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dis
                           Trainer, TrainingArguments)
 
 from config import package_folder, resolve
-from train import load_data, tokenize, train
+from data import load_data, tokenize
+from train import train
 
 
 def imdb_shaped(folder, n, seed=0):

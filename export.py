@@ -20,7 +20,7 @@ import torch
 
 from config import Config, OneLineParser, UserError
 from predict import load_classifier, max_tokens, predict_logits, read_texts, torch_forward
-from train import load_data
+from data import load_data
 
 PARITY_LIMIT = 1e-4  # largest |logit difference| allowed between fp32 ONNX and PyTorch
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from config import OneLineParser, UserError, resolve
-from train import FILE_FORMATS, TEXT_COLUMNS, find_column, read_file
+from data import FILE_FORMATS, TEXT_COLUMNS, find_column, read_file
 
 transformers.utils.logging.disable_progress_bar()
 

@@ -5,263 +5,45 @@
     python train.py --dataset my.csv --model ./bert  # your data, your checkpoint
     accelerate launch --num_processes 4 train.py     # the same job on 4 GPUs
 
-Read top to bottom: data -> tokenize -> batches -> model -> optimizer/schedule -> loop -> validate -> save best
--> test once. In a notebook: `from train import train; metrics = train(Config(...))`.
+Read top to bottom: model -> optimizer/schedule -> loop -> validate -> save best -> test once. The data side
+(reading, splits, tokenizing, batches) is in data.py; the output folder (checkpoints, resume, safe writes) in
+runs.py. In a notebook: `from train import train; metrics = train(Config(...))`.
 """
+import sys
+
+from config import Config, UserError, parse_args_or_exit
+
+if __name__ == "__main__":  # --help and a bad flag answer at once, before the imports below (seconds)
+    CLI_CONFIG = parse_args_or_exit()
+
 import dataclasses
-import json
 import math
 import os
-import shutil
-import signal
-import socket
-import sys
-import threading
 import time
-import urllib.parse
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
+from contextlib import nullcontext
 
 import datasets
-import huggingface_hub
 import torch
 import transformers
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, set_seed
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from accelerate.utils import set_seed
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                          get_scheduler)
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 import report
-from config import Config, UserError, parse_args
+from data import describe, load_data, make_loaders, offline_hint, tokenize, use_cache_only_if_offline
+from runs import (append_to_log, checkpoint_on_signals, choose_output_dir, new_state, open_output_dir,
+                  read_checkpoint_state, recover, save_checkpoint, save_model, say, write_json)
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
 
-TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "tweet", "comment")
-LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "topic", "intent")
-FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint", "curves.png", "confusion.png", "lengths.png",
-           "tensorboard")  # what a run writes in output_dir
-
-
-def say(*args, **kwargs):
-    """print, on the main process only: under several processes each would say the same thing."""
-    PartialState().print(*args, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: read -> standard columns (text, label as ClassLabel) -> stratified splits -> tokenize
-
-def decode(data, where, cfg):
-    """Bytes -> text in cfg.encoding; undecodable bytes are refused (naming the place) or replaced."""
-    try:
-        return data.decode(cfg.encoding), False
-    except UnicodeDecodeError as e:
-        if cfg.decode_errors == "replace":
-            return data.decode(cfg.encoding, errors="replace"), True
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"{where}, line {line}: not valid {cfg.encoding}; pass --encoding (e.g. latin-1) "
-                        "or --decode-errors replace") from None
-    except LookupError:
-        raise UserError(f"unknown --encoding '{cfg.encoding}'") from None
-
-
-def read_folder(folder, cfg):
-    """A folder with one sub-folder of .txt files per class; the sub-folder names are the class names."""
-    texts, labels, replaced = [], [], 0
-    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        for file in sorted(class_dir.glob("*.txt")):
-            text, was_replaced = decode(file.read_bytes(), file, cfg)
-            texts.append(text)
-            labels.append(class_dir.name)
-            replaced += was_replaced
-    if not texts:
-        raise UserError(f"{folder}: no .txt files in class sub-folders (expected {folder}/CLASS/*.txt)")
-    if replaced:
-        say(f"Replaced undecodable bytes in {replaced} file(s) of {folder} (--decode-errors replace)")
-    return Dataset.from_dict({"text": texts, "label": labels})
-
-
-def read_file(path, cfg):
-    fmt = FILE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"{path}: unsupported file type; use .csv, .tsv, .json, .jsonl, .parquet or a folder "
-                        "with one sub-folder of .txt files per class")
-    options = {}
-    if fmt != "parquet":  # check the encoding up front: the readers' own errors are tracebacks without a line
-        decode(path.read_bytes(), path, cfg)
-        options = dict(encoding=cfg.encoding, encoding_errors=cfg.decode_errors)
-    if path.suffix.lower() == ".tsv":
-        options["sep"] = "\t"
-    try:
-        return load_dataset(fmt, data_files=str(path), split="train", **options)
-    except Exception as e:  # malformed csv/json: the parser's own first line says where
-        raise UserError(f"{path}: could not be read as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-
-
-def read_local(location, cfg):
-    path = Path(location).expanduser()
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    try:
-        return read_folder(path, cfg) if path.is_dir() else read_file(path, cfg)
-    except PermissionError as e:
-        raise UserError(f"{e.filename}: not readable (permission denied)") from None
-
-
-def is_local(location):
-    return Path(location).expanduser().exists() or Path(location).suffix.lower() in FILE_FORMATS
-
-
-def read_dataset(cfg):
-    """(train, test or None) with the dataset's own columns."""
-    if is_local(cfg.dataset):
-        return read_local(cfg.dataset, cfg), read_local(cfg.test_file, cfg) if cfg.test_file else None
-    if cfg.test_file:
-        raise UserError("--test-file goes with a local --dataset; a Hub dataset brings its own test split")
-    try:
-        splits = load_dataset(cfg.dataset, cfg.dataset_config)
-    except Exception as e:  # no such dataset, no network, bad config name: all end the same way for the user
-        raise UserError(f"could not load dataset '{cfg.dataset}': it is not a local file or folder, and the Hub "
-                        f"said: {str(e).splitlines()[0]}{offline_hint()}") from None
-    if cfg.train_split not in splits:
-        raise UserError(f"dataset '{cfg.dataset}' has no split '{cfg.train_split}'; it has: {', '.join(splits)}")
-    return splits[cfg.train_split], splits.get(cfg.test_split)
-
-
-def find_column(ds, given, candidates, what):
-    if given is not None:
-        if given not in ds.column_names:
-            raise UserError(f"{what} column '{given}' not found; the columns are: {', '.join(ds.column_names)}")
-        return given
-    lowered = {name.lower(): name for name in ds.column_names}
-    for name in candidates:
-        if name in lowered:
-            return lowered[name]
-    raise UserError(f"no {what} column found (looked for {', '.join(candidates)}); the columns are: "
-                    f"{', '.join(ds.column_names)}; name it with --{what}-column")
-
-
-def class_names(train):
-    """Class names from the data: ClassLabel names, else the sorted distinct values (numbers sort as numbers)."""
-    feature = train.features["label"]
-    if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    values = train.unique("label")
-    missing = sum(1 for v in train["label"] if v is None or v != v)  # None, or NaN from an empty csv cell
-    if missing:
-        raise UserError(f"{missing} training example(s) have no label; fill them in or remove them")
-    if any(isinstance(v, float) for v in values):
-        raise UserError(f"the label column holds decimal numbers (e.g. {values[0]}); a classifier needs class "
-                        "labels: integers or names")
-    return [str(v) for v in sorted(values)]
-
-
-def encode_labels(ds, names, split):
-    """Map the label column to ids 0..K-1 of `names` and make it a ClassLabel (what stratified splits need)."""
-    if isinstance(ds.features["label"], ClassLabel):
-        if ds.features["label"].names != names:
-            raise UserError(f"the {split} split's classes {ds.features['label'].names} differ from train's {names}")
-        if min(ds["label"], default=0) < 0:
-            raise UserError(f"the {split} split has no labels (hidden, as in GLUE's test sets); "
-                            "use --test-split validation")
-        return ds
-    index = {name: i for i, name in enumerate(names)}
-    unseen = sorted({str(v) for v in ds["label"]} - set(index))
-    if unseen:
-        raise UserError(f"the {split} split has labels never seen in training: {', '.join(unseen[:5])}")
-    ds = ds.map(lambda batch: {"label": [index[str(v)] for v in batch["label"]]}, batched=True)
-    return ds.cast_column("label", ClassLabel(names=names))
-
-
-def standardize(ds, cfg, split):
-    """Keep only the text and label columns, named `text` and `label`; drop empty texts (and say so)."""
-    text_col = find_column(ds, cfg.text_column, TEXT_COLUMNS, "text")
-    label_col = find_column(ds, cfg.label_column, LABEL_COLUMNS, "label")
-    ds = ds.select_columns([text_col, label_col]).rename_columns({text_col: "text", label_col: "label"})
-    before = len(ds)
-    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
-    if len(ds) < before:
-        say(f"Dropped {before - len(ds)} {split} example(s) with empty text")
-    if len(ds) == 0:
-        raise UserError(f"the {split} split has no examples with text")
-    return ds
-
-
-def stratified_split(ds, size, seed, what):
-    """(rest, part) where part holds `size` examples (int) or that fraction (float), in class proportions."""
-    try:
-        parts = ds.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
-    except ValueError as e:
-        raise UserError(f"too few examples ({len(ds)}) to carve out the {what} split in class proportions "
-                        f"({e}); use more data or change --val-fraction/--test-fraction/--*-samples") from None
-    return parts["train"], parts["test"]
-
-
-def subsample(ds, n, seed, what):
-    """A seeded, stratified sample of n examples (never the first n: files are often sorted by label)."""
-    return ds if n is None or n >= len(ds) else stratified_split(ds, n, seed, what)[1]
-
-
-def load_data(cfg):
-    """DatasetDict with train, test and (unless val_fraction is 0) validation; plus the class names."""
-    train, test = read_dataset(cfg)
-    train = standardize(train, cfg, "train")
-    names = class_names(train)
-    if len(names) < 2:
-        raise UserError(f"the training data has a single class ({names[0]}); a classifier needs at least two")
-    train = encode_labels(train, names, "train")
-    if test is None:
-        train, test = stratified_split(train, cfg.test_fraction, cfg.seed, "test")
-    else:
-        test = encode_labels(standardize(test, cfg, "test"), names, "test")
-    splits = {"test": subsample(test, cfg.eval_samples, cfg.seed, "test")}
-    if cfg.val_fraction > 0:
-        train, val = stratified_split(train, cfg.val_fraction, cfg.seed, "validation")
-        splits["validation"] = subsample(val, cfg.eval_samples, cfg.seed, "validation")
-    splits["train"] = subsample(train, cfg.train_samples, cfg.seed, "train")
-    return DatasetDict(splits), names
-
-
-def tokenize(data, tokenizer, max_len):
-    """Token ids per example, truncated to max_len and NOT padded: each batch is padded to its own longest.
-    The `length` column is for batching texts of similar length together (make_loaders takes it off)."""
-    def encode(batch):
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_len)
-        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
-        return encoded
-    return data.map(encode, batched=True, remove_columns=["text"])
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model, precision, optimizer
-
-def use_cache_only_if_offline(cfg):
-    """Without a network the Hub libraries retry for about 25 s before failing. Probe the Hub once (3 s at most);
-    if it cannot be reached, switch them to offline mode: what is in the local cache still loads, at once."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE or Path(cfg.model).expanduser().exists() and is_local(cfg.dataset):
-        return
-    endpoint = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
-    except OSError:
-        say("The Hugging Face Hub cannot be reached: using only the local cache (as with HF_HUB_OFFLINE=1)")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-
-
-def offline_hint():
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return ("; the Hub cannot be reached (offline) and it is not in the local cache: pass a local folder or "
-                "file, or download it once on a machine with network")
-    return ""
-
 
 def load_model_config(cfg):
     """The model's config.json (small, fast): fails early for a bad --model and checks --max-len against it."""
@@ -373,131 +155,6 @@ def evaluate(model, loader, accelerator, names):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Output folder: nothing is left half-written, and an earlier run is never overwritten by accident
-
-def choose_output_dir(cfg):
-    """A new runs/<preset>-<time> folder unless given; a given folder that holds a run needs --overwrite or
-    --resume."""
-    if cfg.output_dir is None:
-        base = Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out, n = base, 1
-        while out.exists():
-            n += 1
-            out = base.with_name(f"{base.name}-{n}")
-        return Path(broadcast_object_list([str(out)])[0])  # every process must agree on the folder
-    out = Path(cfg.output_dir)
-    if not (cfg.overwrite or cfg.resume) and any((out / name).exists() for name in OUTPUTS):
-        raise UserError(f"{out} already holds a run; continue it with --resume, replace it with --overwrite, "
-                        "or choose another --output-dir")
-    return out
-
-
-def clear_earlier_run(out):
-    """With --overwrite: remove only what a run writes (never the user's other files in that folder)."""
-    for name in OUTPUTS:
-        for path in (out / name, out / f"{name}.tmp", out / f"{name}.old"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def write_json(path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-
-
-def swap_in(tmp, folder):
-    """Replace `folder` by the complete `tmp` with renames: whenever a kill comes, one whole version survives
-    (as `folder`, or as `folder.old` for the instant between the two renames: see recover)."""
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(folder):
-    old = folder.with_name(folder.name + ".old")
-    if not folder.exists() and old.exists():
-        old.rename(folder)
-    return folder
-
-
-def save_model(model, tokenizer, folder, accelerator):
-    """The model and tokenizer (save_pretrained: safetensors, config with the class names), swapped in whole."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        swap_in(tmp, folder)
-    accelerator.wait_for_everyone()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: everything --resume needs to continue exactly where a run stopped
-
-RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every"}
-
-
-def new_state(cfg):
-    """Where training stands. Saved with every checkpoint; the model, optimizer, schedule, loss scaler and random
-    number generators are saved beside it by accelerate."""
-    return {"epoch": 1, "batches_done": 0, "loss_sum": 0.0, "step": 0, "best_score": None, "best_epoch": None,
-            "best_val": None, "log": [], "log_mark": [0.0, 0], "tokens": [0, 0], "train_seconds": 0.0,
-            "config": dataclasses.asdict(cfg)}
-
-
-def save_checkpoint(out, state, accelerator):
-    tmp = out / "checkpoint.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)  # every process writes its own RNG state; the main one the rest
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "state.json", state)
-        swap_in(tmp, out / "checkpoint")
-    accelerator.wait_for_everyone()
-
-
-def read_checkpoint_state(out, cfg):
-    """The saved state, if the run in `out` can be continued with this config (checked before anything loads)."""
-    state_file = recover(out / "checkpoint") / "state.json"
-    if not state_file.is_file():
-        raise UserError(f"{out} has no checkpoint to resume from; start a new run without --resume")
-    state = json.loads(state_file.read_text())
-    now = dataclasses.asdict(cfg)
-    changed = [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in state["config"].items()
-               if k not in RESUMABLE_CHANGES and now.get(k) != v]
-    if changed:
-        raise UserError(f"cannot resume {out} with other settings ({'; '.join(changed)}): they would change the "
-                        "result; resume with the run's own flags (only --epochs may change) or start a new run")
-    state["config"] = now
-    return state
-
-
-@contextmanager
-def checkpoint_on_signals(accelerator):
-    """Ctrl-C or SIGTERM asks the loop to stop at the next optimizer step, after writing a checkpoint. A second
-    Ctrl-C stops at once. The request is shared by all processes (accelerate's trigger), so they stop together."""
-    def request_stop(signum, frame):
-        accelerator.set_trigger()
-        signal.signal(signum, previous[signum])
-    signals = [signal.SIGINT, signal.SIGTERM]
-    in_main_thread = threading.current_thread() is threading.main_thread()  # handlers can only be set there
-    previous = {s: signal.getsignal(s) for s in signals} if in_main_thread else {}
-    for s in previous:
-        signal.signal(s, request_stop)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training
 
 def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step=lambda: None):
@@ -542,76 +199,13 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
     return float(total) / n  # mean loss per micro-batch, over all processes
 
 
-class TrainingBatches(torch.utils.data.Sampler):
-    """One epoch's training batches, seeded by seed + epoch (a resumed run sees the same ones): the examples
-    shuffled and, with group_by_length, sorted by length inside chunks of 64 batches so that little of each batch is
-    padding; then the batches shuffled, the one partial batch last. Every example comes exactly once per epoch, also
-    across several processes: the number of batches is made a multiple of the processes by halving the largest
-    ones, so that accelerate hands every process as many batches without repeating examples to fill a round."""
-    batch_size = None  # batches may differ in size: accelerate then deals them out as they are
-    drop_last = False
-
-    def __init__(self, lengths, batch_size, seed, group_by_length=True, processes=1, chunk=64):
-        if len(lengths) < processes:
-            raise UserError(f"{len(lengths)} training examples cannot be shared among {processes} processes")
-        self.lengths, self.size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
-        self.group_by_length, self.processes, self.chunk = group_by_length, processes, chunk
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    @property
-    def sampler(self):  # where accelerate's loader looks for set_epoch once it has sharded these batches
-        return self
-
-    def __len__(self):
-        return math.ceil(math.ceil(len(self.lengths) / self.size) / self.processes) * self.processes
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order, size = torch.randperm(len(self.lengths), generator=generator).tolist(), self.size * self.chunk
-        if self.group_by_length:
-            order = [i for start in range(0, len(order), size)
-                     for i in sorted(order[start:start + size], key=self.lengths.__getitem__)]
-        batches = [order[start:start + self.size] for start in range(0, len(order), self.size)]
-        full = len(batches) - (len(batches[-1]) < self.size)
-        batches = [batches[i] for i in torch.randperm(full, generator=generator).tolist()] + batches[full:]
-        while len(batches) % self.processes:
-            largest = max(range(len(batches)), key=lambda b: len(batches[b]))
-            half = len(batches[largest]) // 2
-            batches[largest:largest + 1] = [batches[largest][:half], batches[largest][half:]]
-        return iter(batches)
-
-
-def make_loaders(data, tokenizer, cfg, device_type, processes=1):
-    """Batches padded per batch (to a multiple of 8 on GPUs, for tensor cores); training batches grouped by length
-    (unless --no-group-by-length); evaluation in order of length, longest first (the metrics do not depend on the
-    order, and an out-of-memory error then shows at once)."""
-    on_gpu = device_type == "cuda"
-    padding = dict(padding="max_length", max_length=cfg.max_len) if cfg.pad_to_max_len else {}
-    # --compile: lengths in steps of (up to) 64, so that the compiled model meets a few shapes, not one per batch;
-    # a step that divides max_len never pads past it
-    multiple = math.gcd(64 if cfg.compile else 8, cfg.max_len) if cfg.compile or on_gpu else None
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, **padding)
-    options = dict(collate_fn=collate, pin_memory=on_gpu, num_workers=2 if on_gpu else 0)
-    if on_gpu:  # tokenizing is done: say so before the workers fork, instead of tokenizers warning that it forks
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The loader's own generator keeps it from drawing on the global RNG: a resumed run then sees the same dropout.
-    batches = TrainingBatches(data["train"]["length"], cfg.batch_size, cfg.seed, cfg.group_by_length, processes)
-    loaders = {"train": DataLoader(data["train"].remove_columns("length"), batch_sampler=batches,
-                                   generator=torch.Generator().manual_seed(cfg.seed), **options)}
-    for split in ("validation", "test"):
-        if split in data:
-            lengths = list(data[split]["length"])
-            longest_first = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-            by_length = data[split].select(longest_first).remove_columns("length")
-            loaders[split] = DataLoader(by_length, batch_size=cfg.eval_batch_size, **options)
-    return loaders
-
-
-def describe(data, names):
-    sizes = " · ".join(f"{len(data[s]):,} {s}" for s in ("train", "validation", "test") if s in data)
-    return f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+def log_step(state, scheduler, out, accelerator):
+    """A step row: the mean train loss since the last row (per micro-batch) and the lr now."""
+    loss_mark, batches_mark = state["log_mark"]
+    loss = (state["loss_sum"] - loss_mark) / max(state["batches_done"] - batches_mark, 1)
+    state["log_mark"] = [state["loss_sum"], state["batches_done"]]
+    append_to_log({"kind": "step", "epoch": state["epoch"], "step": state["step"], "train_loss": loss,
+                   "lr": scheduler.get_last_lr()[0]}, state, out, accelerator)
 
 
 def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started):
@@ -632,24 +226,6 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
         summary += f" · val accuracy {val['accuracy']:.4f} · macro-F1 {val['f1_macro']:.4f}"
     return summary + f" · lr {record['lr']:.2e} · padding {record['padding']:.0%} · {seconds:.0f}s" + \
         (" *" if improved else "")
-
-
-def append_to_log(record, state, out, accelerator):
-    """A row of log.jsonl (epoch rows, and step rows with --log-every), also sent to --report-to's tracker."""
-    state["log"].append(record)
-    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-    if accelerator.is_main_process:
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def log_step(state, scheduler, out, accelerator):
-    """A step row: the mean train loss since the last row (per micro-batch) and the lr now."""
-    loss_mark, batches_mark = state["log_mark"]
-    loss = (state["loss_sum"] - loss_mark) / max(state["batches_done"] - batches_mark, 1)
-    state["log_mark"] = [state["loss_sum"], state["batches_done"]]
-    append_to_log({"kind": "step", "epoch": state["epoch"], "step": state["step"], "train_loss": loss,
-                   "lr": scheduler.get_last_lr()[0]}, state, out, accelerator)
 
 
 def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names):
@@ -686,6 +262,9 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
             tqdm.write(summary)  # tqdm.write keeps the bars intact
     return state
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup, the run, the finish
 
 def setup(cfg, accelerator):
     """Data, tokenizer, model, optimizer, schedule, loaders, all prepared for the devices."""
@@ -749,13 +328,9 @@ def train(cfg: Config):
         accelerator.load_state(out / "checkpoint")  # model, optimizer, schedule, scaler, RNG (weights_only loads)
         say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:  # the log as it stood at the checkpoint: later lines are written again
-            (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["log"]))
-        else:
-            clear_earlier_run(out)
+        open_output_dir(out, state, cfg.resume)
         if cfg.length_histogram:
-            report.plot_lengths(lengths, out / "lengths.png")
+            optional_output("lengths.png", report.plot_lengths, lengths, out / "lengths.png")
     start_tracker(cfg, accelerator)
     try:
         with checkpoint_on_signals(accelerator):
@@ -786,23 +361,32 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, sizes, start
                           "test_seconds": round(test_seconds, 2),
                           "test_examples_per_second": round(test["n"] / test_seconds, 2)}}
     if accelerator.is_main_process:
-        write_json(out / "metrics.json", metrics)
-        report.plot_curves(state["log"], out / "curves.png")
-        report.plot_confusion(test, out / "confusion.png")
-        card = out / "best" / "README.md.tmp"
-        card.write_text(report.model_card(metrics, sizes))
-        os.replace(card, card.with_suffix(""))
-    accelerator.log({f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
-    accelerator.end_training()
+        write_json(out / "metrics.json", metrics)  # with best/, the essential output; the rest is nice to have
+        optional_output("curves.png", report.plot_curves, state["log"], out / "curves.png")
+        optional_output("confusion.png", report.plot_confusion, test, out / "confusion.png")
+        optional_output("best/README.md (the model card)", report.write_model_card, metrics, sizes, out / "best")
+    optional_output(f"the {cfg.report_to} log", accelerator.log,
+                    {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
+    optional_output(f"the {cfg.report_to} log", accelerator.end_training)
     say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
         f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
         f"pipeline('text-classification', model='{out / 'best'}')")
     return metrics
 
 
-def main(argv=None):
+def optional_output(what, write, *args, **kwargs):
+    """Pictures, the model card, a tracker: never worth a trained model. A failure is one line, and the run goes on
+    (the model in best/ and metrics.json are written first)."""
     try:
-        train(parse_args(argv))
+        write(*args, **kwargs)
+    except Exception as e:
+        say(f"Could not write {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(the model and metrics.json are saved)", file=sys.stderr)
+
+
+def main(cfg):
+    try:
+        train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -811,4 +395,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(CLI_CONFIG)

@@ -1,0 +1,307 @@
+"""Any data -> tokenized batches: a Hub id, a local .csv/.tsv/.json/.jsonl/.parquet file or a folder with one
+sub-folder of .txt files per class -> standard columns (text, label as ClassLabel) -> stratified splits ->
+token ids -> length-grouped training batches and length-sorted evaluation batches.
+
+The entry points: `load_data(cfg)` (splits and class names), `tokenize`, `make_loaders`; `read_file` and
+`find_column` for other scripts that read texts (predict.py)."""
+import math
+import os
+import socket
+import urllib.parse
+from pathlib import Path
+
+import datasets
+import huggingface_hub
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+from config import UserError
+from runs import say
+
+TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "tweet", "comment")
+LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "topic", "intent")
+FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading: a Hub id, a file or a folder -> standard columns (text, label as ClassLabel) -> stratified splits
+
+def decode(data, where, cfg):
+    """Bytes -> text in cfg.encoding; undecodable bytes are refused (naming the place) or replaced."""
+    try:
+        return data.decode(cfg.encoding), False
+    except UnicodeDecodeError as e:
+        if cfg.decode_errors == "replace":
+            return data.decode(cfg.encoding, errors="replace"), True
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{where}, line {line}: not valid {cfg.encoding}; pass --encoding (e.g. latin-1) "
+                        "or --decode-errors replace") from None
+    except LookupError:
+        raise UserError(f"unknown --encoding '{cfg.encoding}'") from None
+
+
+def read_folder(folder, cfg):
+    """A folder with one sub-folder of .txt files per class; the sub-folder names are the class names."""
+    texts, labels, replaced = [], [], 0
+    for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for file in sorted(class_dir.glob("*.txt")):
+            text, was_replaced = decode(file.read_bytes(), file, cfg)
+            texts.append(text)
+            labels.append(class_dir.name)
+            replaced += was_replaced
+    if not texts:
+        raise UserError(f"{folder}: no .txt files in class sub-folders (expected {folder}/CLASS/*.txt)")
+    if replaced:
+        say(f"Replaced undecodable bytes in {replaced} file(s) of {folder} (--decode-errors replace)")
+    return Dataset.from_dict({"text": texts, "label": labels})
+
+
+def read_file(path, cfg):
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unsupported file type; use .csv, .tsv, .json, .jsonl, .parquet or a folder "
+                        "with one sub-folder of .txt files per class")
+    options = {}
+    if fmt != "parquet":  # check the encoding up front: the readers' own errors are tracebacks without a line
+        decode(path.read_bytes(), path, cfg)
+        options = dict(encoding=cfg.encoding, encoding_errors=cfg.decode_errors)
+    if path.suffix.lower() == ".tsv":
+        options["sep"] = "\t"
+    try:
+        return load_dataset(fmt, data_files=str(path), split="train", **options)
+    except Exception as e:  # malformed csv/json: the parser's own first line says where
+        raise UserError(f"{path}: could not be read as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def read_local(location, cfg):
+    path = Path(location).expanduser()
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    try:
+        return read_folder(path, cfg) if path.is_dir() else read_file(path, cfg)
+    except PermissionError as e:
+        raise UserError(f"{e.filename}: not readable (permission denied)") from None
+
+
+def is_local(location):
+    return Path(location).expanduser().exists() or Path(location).suffix.lower() in FILE_FORMATS
+
+
+def read_dataset(cfg):
+    """(train, test or None) with the dataset's own columns."""
+    if is_local(cfg.dataset):
+        return read_local(cfg.dataset, cfg), read_local(cfg.test_file, cfg) if cfg.test_file else None
+    if cfg.test_file:
+        raise UserError("--test-file goes with a local --dataset; a Hub dataset brings its own test split")
+    try:
+        splits = load_dataset(cfg.dataset, cfg.dataset_config)
+    except Exception as e:  # no such dataset, no network, bad config name: all end the same way for the user
+        raise UserError(f"could not load dataset '{cfg.dataset}': it is not a local file or folder, and the Hub "
+                        f"said: {str(e).splitlines()[0]}{offline_hint()}") from None
+    if cfg.train_split not in splits:
+        raise UserError(f"dataset '{cfg.dataset}' has no split '{cfg.train_split}'; it has: {', '.join(splits)}")
+    return splits[cfg.train_split], splits.get(cfg.test_split)
+
+
+def use_cache_only_if_offline(cfg):
+    """Without a network the Hub libraries retry for about 25 s before failing. Probe the Hub once (3 s at most);
+    if it cannot be reached, switch them to offline mode: what is in the local cache still loads, at once."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE or Path(cfg.model).expanduser().exists() and is_local(cfg.dataset):
+        return
+    endpoint = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError:
+        say("The Hugging Face Hub cannot be reached: using only the local cache (as with HF_HUB_OFFLINE=1)")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+
+
+def offline_hint():
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return ("; the Hub cannot be reached (offline) and it is not in the local cache: pass a local folder or "
+                "file, or download it once on a machine with network")
+    return ""
+
+
+def find_column(ds, given, candidates, what):
+    if given is not None:
+        if given not in ds.column_names:
+            raise UserError(f"{what} column '{given}' not found; the columns are: {', '.join(ds.column_names)}")
+        return given
+    lowered = {name.lower(): name for name in ds.column_names}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise UserError(f"no {what} column found (looked for {', '.join(candidates)}); the columns are: "
+                    f"{', '.join(ds.column_names)}; name it with --{what}-column")
+
+
+def class_names(train):
+    """Class names from the data: ClassLabel names, else the sorted distinct values (numbers sort as numbers)."""
+    feature = train.features["label"]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    values = train.unique("label")
+    missing = sum(1 for v in train["label"] if v is None or v != v)  # None, or NaN from an empty csv cell
+    if missing:
+        raise UserError(f"{missing} training example(s) have no label; fill them in or remove them")
+    if any(isinstance(v, float) for v in values):
+        raise UserError(f"the label column holds decimal numbers (e.g. {values[0]}); a classifier needs class "
+                        "labels: integers or names")
+    return [str(v) for v in sorted(values)]
+
+
+def encode_labels(ds, names, split):
+    """Map the label column to ids 0..K-1 of `names` and make it a ClassLabel (what stratified splits need)."""
+    if isinstance(ds.features["label"], ClassLabel):
+        if ds.features["label"].names != names:
+            raise UserError(f"the {split} split's classes {ds.features['label'].names} differ from train's {names}")
+        if min(ds["label"], default=0) < 0:
+            raise UserError(f"the {split} split has no labels (hidden, as in GLUE's test sets); "
+                            "use --test-split validation")
+        return ds
+    index = {name: i for i, name in enumerate(names)}
+    unseen = sorted({str(v) for v in ds["label"]} - set(index))
+    if unseen:
+        raise UserError(f"the {split} split has labels never seen in training: {', '.join(unseen[:5])}")
+    ds = ds.map(lambda batch: {"label": [index[str(v)] for v in batch["label"]]}, batched=True)
+    return ds.cast_column("label", ClassLabel(names=names))
+
+
+def standardize(ds, cfg, split):
+    """Keep only the text and label columns, named `text` and `label`; drop empty texts (and say so)."""
+    text_col = find_column(ds, cfg.text_column, TEXT_COLUMNS, "text")
+    label_col = find_column(ds, cfg.label_column, LABEL_COLUMNS, "label")
+    ds = ds.select_columns([text_col, label_col]).rename_columns({text_col: "text", label_col: "label"})
+    before = len(ds)
+    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(ds) < before:
+        say(f"Dropped {before - len(ds)} {split} example(s) with empty text")
+    if len(ds) == 0:
+        raise UserError(f"the {split} split has no examples with text")
+    return ds
+
+
+def stratified_split(ds, size, seed, what):
+    """(rest, part) where part holds `size` examples (int) or that fraction (float), in class proportions."""
+    try:
+        parts = ds.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
+    except ValueError as e:
+        raise UserError(f"too few examples ({len(ds)}) to carve out the {what} split in class proportions "
+                        f"({e}); use more data or change --val-fraction/--test-fraction/--*-samples") from None
+    return parts["train"], parts["test"]
+
+
+def subsample(ds, n, seed, what):
+    """A seeded, stratified sample of n examples (never the first n: files are often sorted by label)."""
+    return ds if n is None or n >= len(ds) else stratified_split(ds, n, seed, what)[1]
+
+
+def load_data(cfg):
+    """DatasetDict with train, test and (unless val_fraction is 0) validation; plus the class names."""
+    train, test = read_dataset(cfg)
+    train = standardize(train, cfg, "train")
+    names = class_names(train)
+    if len(names) < 2:
+        raise UserError(f"the training data has a single class ({names[0]}); a classifier needs at least two")
+    train = encode_labels(train, names, "train")
+    if test is None:
+        train, test = stratified_split(train, cfg.test_fraction, cfg.seed, "test")
+    else:
+        test = encode_labels(standardize(test, cfg, "test"), names, "test")
+    splits = {"test": subsample(test, cfg.eval_samples, cfg.seed, "test")}
+    if cfg.val_fraction > 0:
+        train, val = stratified_split(train, cfg.val_fraction, cfg.seed, "validation")
+        splits["validation"] = subsample(val, cfg.eval_samples, cfg.seed, "validation")
+    splits["train"] = subsample(train, cfg.train_samples, cfg.seed, "train")
+    return DatasetDict(splits), names
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokens and batches
+
+def tokenize(data, tokenizer, max_len):
+    """Token ids per example, truncated to max_len and NOT padded: each batch is padded to its own longest.
+    The `length` column is for batching texts of similar length together (make_loaders takes it off)."""
+    def encode(batch):
+        encoded = tokenizer(batch["text"], truncation=True, max_length=max_len)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+    return data.map(encode, batched=True, remove_columns=["text"])
+
+
+class TrainingBatches(torch.utils.data.Sampler):
+    """One epoch's training batches, seeded by seed + epoch (a resumed run sees the same ones): the examples
+    shuffled and, with group_by_length, sorted by length inside chunks of 64 batches so that little of each batch is
+    padding; then the batches shuffled, the one partial batch last. Every example comes exactly once per epoch, also
+    across several processes: the number of batches is made a multiple of the processes by halving the largest
+    ones, so that accelerate hands every process as many batches without repeating examples to fill a round."""
+    batch_size = None  # batches may differ in size: accelerate then deals them out as they are
+    drop_last = False
+
+    def __init__(self, lengths, batch_size, seed, group_by_length=True, processes=1, chunk=64):
+        if len(lengths) < processes:
+            raise UserError(f"{len(lengths)} training examples cannot be shared among {processes} processes")
+        self.lengths, self.size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+        self.group_by_length, self.processes, self.chunk = group_by_length, processes, chunk
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    @property
+    def sampler(self):  # where accelerate's loader looks for set_epoch once it has sharded these batches
+        return self
+
+    def __len__(self):
+        return math.ceil(math.ceil(len(self.lengths) / self.size) / self.processes) * self.processes
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order, size = torch.randperm(len(self.lengths), generator=generator).tolist(), self.size * self.chunk
+        if self.group_by_length:
+            order = [i for start in range(0, len(order), size)
+                     for i in sorted(order[start:start + size], key=self.lengths.__getitem__)]
+        batches = [order[start:start + self.size] for start in range(0, len(order), self.size)]
+        full = len(batches) - (len(batches[-1]) < self.size)
+        batches = [batches[i] for i in torch.randperm(full, generator=generator).tolist()] + batches[full:]
+        while len(batches) % self.processes:
+            largest = max(range(len(batches)), key=lambda b: len(batches[b]))
+            half = len(batches[largest]) // 2
+            batches[largest:largest + 1] = [batches[largest][:half], batches[largest][half:]]
+        return iter(batches)
+
+
+def make_loaders(data, tokenizer, cfg, device_type, processes=1):
+    """Batches padded per batch (to a multiple of 8 on GPUs, for tensor cores); training batches grouped by length
+    (unless --no-group-by-length); evaluation in order of length, longest first (the metrics do not depend on the
+    order, and an out-of-memory error then shows at once)."""
+    on_gpu = device_type == "cuda"
+    padding = dict(padding="max_length", max_length=cfg.max_len) if cfg.pad_to_max_len else {}
+    # --compile: lengths in steps of (up to) 64, so that the compiled model meets a few shapes, not one per batch;
+    # a step that divides max_len never pads past it
+    multiple = math.gcd(64 if cfg.compile else 8, cfg.max_len) if cfg.compile or on_gpu else None
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple, **padding)
+    options = dict(collate_fn=collate, pin_memory=on_gpu, num_workers=2 if on_gpu else 0)
+    if on_gpu:  # tokenizing is done: say so before the workers fork, instead of tokenizers warning that it forks
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The loader's own generator keeps it from drawing on the global RNG: a resumed run then sees the same dropout.
+    batches = TrainingBatches(data["train"]["length"], cfg.batch_size, cfg.seed, cfg.group_by_length, processes)
+    loaders = {"train": DataLoader(data["train"].remove_columns("length"), batch_sampler=batches,
+                                   generator=torch.Generator().manual_seed(cfg.seed), **options)}
+    for split in ("validation", "test"):
+        if split in data:
+            lengths = list(data[split]["length"])
+            longest_first = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+            by_length = data[split].select(longest_first).remove_columns("length")
+            loaders[split] = DataLoader(by_length, batch_size=cfg.eval_batch_size, **options)
+    return loaders
+
+
+def describe(data, names):
+    sizes = " · ".join(f"{len(data[s]):,} {s}" for s in ("train", "validation", "test") if s in data)
+    return f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+
