@@ -209,3 +209,15 @@ def test_broken_model_folders(trained, tmp_path):
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith(f"error: {folder}: could not load the model (") and run.stderr.count("\n") == 1
 
+
+def test_export_refuses_before_writing_anything(trained, tmp_path):
+    import export
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    refused(run_main(export, tmp_path / "nothing-here", "--output-dir", a_file), f"--output-dir {a_file} is a file")
+    assert a_file.read_text() == "not a folder"
+    (tmp_path / "empty.txt").write_text("")
+    refused(run_main(export, trained, "--file", tmp_path / "empty.txt", "--output-dir", tmp_path / "onnx"),
+            f"{tmp_path / 'empty.txt'}: no texts")
+    refused(run_main(export, trained, "--samples", "0", "--output-dir", tmp_path / "onnx"), "--samples must be")
+    assert not (tmp_path / "onnx").exists()
