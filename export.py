@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from config import Config, OneLineParser, UserError
-from predict import load_classifier, max_tokens, predict_logits, read_texts, torch_forward
 from data import load_data
+from predict import first_line, load_classifier, max_tokens, predict_logits, read_texts, torch_forward
 
 PARITY_LIMIT = 1e-4  # largest |logit difference| allowed between fp32 ONNX and PyTorch
 
@@ -72,12 +72,19 @@ def real_inputs(model_dir, file, samples):
     """(texts, labels or None, max_len or None): the run's test split and max_len when model_dir is a run's
     best/, else the texts of --file."""
     if file:
-        return read_texts(file)[:samples], None, None
+        texts = read_texts(file)[:samples]
+        if not texts:
+            raise UserError(f"{file}: no texts to check on")
+        return texts, None, None
     metrics_file = Path(model_dir).parent / "metrics.json"
     if not metrics_file.is_file():
         raise UserError(f"no {metrics_file} to find the test split: pass --file with texts to check on")
-    config = json.loads(metrics_file.read_text())["config"]
-    cfg = Config(**{**config, "eval_samples": min(samples, config["eval_samples"] or samples)})
+    try:
+        config = json.loads(metrics_file.read_text())["config"]
+        cfg = Config(**{**config, "eval_samples": min(samples, config["eval_samples"] or samples)})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{metrics_file}: not a metrics.json that train.py wrote ({first_line(e)}); pass --file "
+                        "with texts to check on") from None
     test = load_data(cfg)[0]["test"]
     return list(test["text"]), list(test["label"]), cfg.max_len
 
@@ -134,6 +141,17 @@ def print_report(report):
         print(f"{name:10}" + "".join(f"{report[name][c]:>20.6g}" for c in columns))
 
 
+def check_output_dir(out):
+    """--output-dir must be a folder or a path one can create: checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file, not a folder")
+    parent = out
+    while not parent.exists():  # the nearest part that exists must be a folder
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output-dir {out}: {parent} is a file, not a folder")
+
+
 def main(argv=None):
     parser = OneLineParser(description="Export a trained model to ONNX (+ int8), check it and time it.")
     parser.add_argument("model_dir", help="a trained model folder, e.g. runs/<run>/best")
@@ -143,10 +161,17 @@ def main(argv=None):
     parser.add_argument("--benchmark", action="store_true", help="also measure latency and throughput")
     try:
         args = parser.parse_args(argv)
-        need_onnx()
-        texts, labels, max_len = real_inputs(args.model_dir, args.file, args.samples)
+        if args.samples < 1:
+            parser.error(f"--samples must be at least 1, not {args.samples}")
         out = Path(args.output_dir or Path(args.model_dir) / "onnx")
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out)
+        need_onnx()
+        load_classifier(str(args.model_dir), "cpu")  # a model folder that loads, before anything is written
+        texts, labels, max_len = real_inputs(args.model_dir, args.file, args.samples)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output-dir {out}: could not be created ({e.strerror or first_line(e)})") from None
         report = compare(args.model_dir, out, texts, labels, max_len, args.benchmark)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

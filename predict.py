@@ -5,12 +5,17 @@
     python predict.py runs/imdb-.../best --file reviews.csv --format csv                 # a csv/jsonl text column
     cat reviews.txt | python predict.py runs/imdb-.../best --top-k 2
 
-One JSON object per input, in the input's order: {"text", "label", "score", "probs": {NAME: p, ...}}.
+One JSON object per input, in the input's order: {"text", "label", "score", "probs": {NAME: p, ...}}; with
+--format csv one row per input: text, label, score and every class's probability. Lines are split on "\n" (or
+"\r\n") only, so output row i is input line i.
 In Python: `from predict import predict; predict(["A wonderful film."], "runs/imdb-.../best")`.
 """
+import codecs
 import csv
 import functools
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +30,14 @@ from data import FILE_FORMATS, TEXT_COLUMNS, find_column, read_file
 transformers.utils.logging.disable_progress_bar()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.*", "*.model")  # fast tokenizers; WordPiece/BPE; SentencePiece
+
+
+def first_line(error):
+    """An exception's first line of message (its type's name when it has none), for a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 @functools.lru_cache(maxsize=4)
 def load_classifier(model_dir, device=None):
     """(model, tokenizer) from a folder that save_pretrained wrote; cached, so predict() can be called often."""
@@ -32,11 +45,15 @@ def load_classifier(model_dir, device=None):
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise UserError(f"{folder} is not a trained model folder (expected config.json, model.safetensors and the "
                         "tokenizer files, as train.py writes in OUTPUT_DIR/best)")
+    # without them transformers builds an empty tokenizer (every word unknown): wrong labels, and no error
+    if not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise UserError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.txt and the like) next to the "
+                        "model; copy them from the checkpoint it was trained from")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder}: could not load the model ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # truncated weights, broken config or tokenizer files...: all are about this folder
+        raise UserError(f"{folder}: could not load the model ({first_line(e)})") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
@@ -71,7 +88,13 @@ def max_tokens(model, tokenizer, max_len=None):
 
 def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=False):
     """[{"text", "label", "score", "probs"}] for each text, in order; `top_k` keeps the k likeliest in probs."""
+    if max_len is not None and max_len < 1:
+        raise UserError(f"max_len must be at least 1, not {max_len}")
     model, tokenizer = load_classifier(str(model_dir))
+    special = tokenizer.num_special_tokens_to_add()
+    if max_len is not None and max_len <= special:  # the tokenizer would then not truncate at all
+        raise UserError(f"max_len {max_len} leaves no room for text: this model adds {special} special tokens to "
+                        f"each, so use at least {special + 1}")
     if not texts:
         return []
     logits = predict_logits(texts, tokenizer, torch_forward(model), batch_size, max_tokens(model, tokenizer, max_len),
@@ -86,70 +109,148 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     return results
 
 
+def split_lines(text):
+    """One text per line. Only "\n" (with an optional "\r" before it) ends a line: not U+2028, U+0085, form feeds
+    and the like, which str.splitlines() also splits on, so that output row i is input line i. A newline at the
+    very end adds no empty text; empty lines elsewhere are kept."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def check_encoding(encoding):
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise UserError(f"unknown --encoding '{encoding}'") from None
+
+
+def decode(data, where, encoding):
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"{where}, line {line}: not valid {encoding}; pass --encoding (e.g. latin-1)") from None
+
+
+def as_text(value):
+    """A cell of the text column as text: empty cells (None, NaN) as "", numbers (a column of numbers) as text; a
+    whole float as an integer, since a csv column of integers with an empty cell is read as floats (7 -> 7.0)."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, dict)):
+        raise UserError(f"the text column holds {type(value).__name__}s, not texts; name another with --text-column")
+    return value if isinstance(value, str) else str(value)
+
+
 def read_texts(path, text_column=None, encoding="utf-8"):
     """Texts from a .txt file (one per line, empty lines kept) or a csv/tsv/json/jsonl/parquet text column."""
+    check_encoding(encoding)
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such file")
-    if path.suffix.lower() not in FILE_FORMATS:
-        try:
-            return path.read_text(encoding=encoding).splitlines()
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not valid {encoding} (byte {e.start}); pass --encoding") from None
-    table = read_file(path, resolve(encoding=encoding))
-    return [t or "" for t in table[find_column(table, text_column, TEXT_COLUMNS, "text")]]
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
+    try:
+        if path.suffix.lower() not in FILE_FORMATS:
+            return split_lines(decode(path.read_bytes(), path, encoding))
+        table = read_file(path, resolve(encoding=encoding))
+    except OSError as e:  # permission denied, a read error...
+        raise UserError(f"{path}: could not be read ({e.strerror or first_line(e)})") from None
+    return [as_text(t) for t in table[find_column(table, text_column, TEXT_COLUMNS, "text")]]
+
+
+LINE_BREAKS_JSON_LEAVES = ("\x85", "\u2028", "\u2029")  # json.dumps escapes the others (below U+0020)
 
 
 def write_results(results, output, fmt, names):
+    """jsonl: one object a line (line breaks that some readers split on, such as U+2028, escaped as \\uXXXX);
+    csv: text, label, score, then each class's probability (an empty cell for a class cut from probs, never 0)."""
     if fmt == "jsonl":
         for r in results:
-            output.write(json.dumps(r, ensure_ascii=False) + "\n")
+            line = json.dumps(r, ensure_ascii=False)
+            for char in LINE_BREAKS_JSON_LEAVES:
+                line = line.replace(char, f"\\u{ord(char):04x}")
+            output.write(line + "\n")
         return
     writer = csv.writer(output)
     writer.writerow(["text", "label", "score", *names])
     for r in results:
-        writer.writerow([r["text"], r["label"], f"{r['score']:.6f}", *(f"{r['probs'].get(n, 0):.6f}" for n in names)])
+        writer.writerow([r["text"], r["label"], f"{r['score']:.6f}",
+                         *("" if r["probs"].get(n) is None else f"{r['probs'][n]:.6f}" for n in names)])
 
 
 def parse_args(argv):
     parser = OneLineParser(description="Classify texts with a trained model folder.")
     parser.add_argument("model_dir", help="a trained model folder, e.g. runs/<run>/best")
-    parser.add_argument("texts", nargs="*", help="texts to classify (else --file, else standard input)")
+    parser.add_argument("texts", nargs="*", help="texts to classify (else --file, else standard input, one per line)")
     parser.add_argument("--file", help="one text per line (.txt), or a .csv/.tsv/.json/.jsonl/.parquet text column")
     parser.add_argument("--text-column", help="the text column of --file (auto-detected)")
-    parser.add_argument("--encoding", default="utf-8", help="of --file")
+    parser.add_argument("--encoding", default="utf-8", help="of --file or standard input")
     parser.add_argument("--output", help="write here instead of standard output")
-    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-    parser.add_argument("--top-k", type=int, help="keep only the k likeliest classes in probs")
+    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="jsonl: one JSON object per text; csv: text, label, score and every class's probability")
+    parser.add_argument("--top-k", type=int, help="keep only the k likeliest classes in the JSON probs (csv always "
+                                                   "has every class's true probability)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-len", type=int, help="tokens kept per text (default: the model's limit)")
-    args = parser.parse_args(argv)
-    if args.top_k is not None and args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top-k and --batch-size must be at least 1")
+    args = parser.parse_intermixed_args(argv)  # texts may come after options, too
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--max-len", args.max_len)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, not {value}")
+    check_encoding(args.encoding)
+    if args.output is not None:
+        output = Path(args.output)
+        if output.is_dir():
+            raise UserError(f"--output {output} is a folder; name a file in it")
+        if not output.parent.is_dir():
+            raise UserError(f"--output {output}: no such folder {output.parent}")
     return args
+
+
+def write_output(results, args, names):
+    if args.output is None:
+        write_results(results, sys.stdout, args.format, names)
+        sys.stdout.flush()
+        return
+    try:
+        with open(args.output, "w", newline="", encoding="utf-8") as f:
+            write_results(results, f, args.format, names)
+    except OSError as e:
+        raise UserError(f"--output {args.output}: could not write ({e.strerror or first_line(e)})") from None
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        if args.file and args.texts:
+        if args.file is not None and args.texts:
             raise UserError("give texts as arguments or --file, not both")
-        texts = read_texts(args.file, args.text_column, args.encoding) if args.file else args.texts
-        if not args.file and not args.texts:
-            texts = sys.stdin.read().splitlines()
+        for i, text in enumerate(args.texts, 1):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as lone surrogates
+                raise UserError(f"text argument {i} is not valid {sys.getfilesystemencoding()}; pass such texts with "
+                                "--file and --encoding") from None
+        if args.file is not None:
+            texts = read_texts(args.file, args.text_column, args.encoding)
+        else:
+            texts = args.texts or split_lines(decode(sys.stdin.buffer.read(), "standard input", args.encoding))
         if not texts:
             raise UserError("no texts: give them as arguments, with --file, or on standard input")
-        results = predict(texts, args.model_dir, args.batch_size, args.max_len, args.top_k,
+        top_k = args.top_k if args.format == "jsonl" else None  # a csv row carries every class's probability
+        results = predict(texts, args.model_dir, args.batch_size, args.max_len, top_k,
                           progress=len(texts) > 10 * args.batch_size)
         names = list(load_classifier(args.model_dir)[0].config.id2label.values())  # csv columns: the model's order
+        write_output(results, args, names)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if args.output:
-        with open(args.output, "w", newline="", encoding="utf-8") as f:
-            write_results(results, f, args.format, names)
-    else:
-        write_results(results, sys.stdout, args.format, names)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

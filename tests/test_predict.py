@@ -86,3 +86,138 @@ def test_onnx_export_matches_pytorch_and_int8_predicts(trained):
                                                                                       "model.int8.onnx"))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
     assert logits.argmax(-1).tolist() == [1, 0]
+
+
+# ---- inputs and refusals: in-process through main() (a subprocess costs ~6 s of imports here), plus a real one
+
+def run_main(module, *args, stdin=b""):
+    """(exit code, stdout, stderr) of module.main(args) run here, with `stdin` as standard input's bytes."""
+    import contextlib
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    old_stdin, sys.stdin = sys.stdin, io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.stdin = old_stdin
+    return code, out.getvalue(), err.getvalue()
+
+
+def refused(result, starts):
+    code, out, err = result
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), result
+    assert err.startswith(f"error: {starts}"), err
+    return err
+
+
+def test_csv_has_every_true_probability_whatever_top_k(trained):
+    import predict
+    texts = ["a great film", "an awful film"]
+    code, out, _ = run_main(predict, trained, "--format", "csv", "--top-k", "1", *texts)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    expected = predict.predict(texts, trained)
+    assert code == 0 and [r["text"] for r in rows] == texts
+    for row, want in zip(rows, expected):
+        assert {n: float(row[n]) for n in ("neg", "pos")} == pytest.approx(want["probs"], abs=1e-6)
+        assert min(want["probs"].values()) > 0.01  # the class top-k cuts from probs: not written as 0
+    code, out, _ = run_main(predict, trained, "--top-k", "1", *texts)  # JSON: top-k limits probs
+    assert [len(json.loads(line)["probs"]) for line in out.splitlines()] == [1, 1]
+    cut = io.StringIO()  # results whose probs were cut (predict(top_k=...)): an empty cell, never a false 0
+    predict.write_results(predict.predict(texts, trained, top_k=1), cut, "csv", ["neg", "pos"])
+    assert [row.count(",,") + row.endswith(",") for row in cut.getvalue().splitlines()[1:]] == [1, 1]
+
+
+def test_lines_split_on_newline_only():
+    from predict import split_lines
+    assert split_lines("") == [] and split_lines("\n") == [""] and split_lines("a\n\nb") == ["a", "", "b"]
+    assert split_lines("a\r\nb\r\n") == ["a", "b"] and split_lines("a\rb\fc\x85d\u2028e\u2029f\x0bg\x1ch") == [
+        "a\rb\fc\x85d\u2028e\u2029f\x0bg\x1ch"]
+
+
+def test_row_i_is_input_line_i_from_stdin_and_file(trained, tmp_path):
+    import predict
+    lines = ["a great\u2028film", "bad\x0cfilm\x85 and \u2029 dull", "", "an awful\x1efilm\x0b"]
+    data = "\r\n".join(lines[:2]) + "\n" + "\n".join(lines[2:]) + "\n"  # \r\n and \n; one final newline
+    (tmp_path / "in.txt").write_bytes(data.encode())
+    for args, stdin in (((), data.encode()), (("--file", tmp_path / "in.txt"), b"")):
+        code, out, _ = run_main(predict, trained, *args, stdin=stdin)
+        rows = [json.loads(line) for line in out.splitlines()]  # U+2028 & co. escaped: even splitlines() is safe
+        assert code == 0 and [r["text"] for r in rows] == lines
+        code, out, _ = run_main(predict, trained, "--format", "csv", *args, stdin=stdin)
+        assert [r["text"] for r in csv.DictReader(io.StringIO(out, newline=""))] == lines
+
+
+def test_texts_may_follow_options(trained):
+    import predict
+    code, out, _ = run_main(predict, trained, "--top-k", "2", "a great film", "--format", "jsonl", "an awful film")
+    assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == ["a great film", "an awful film"]
+
+
+def test_numbers_and_empty_cells_of_a_csv_text_column(trained, tmp_path):
+    import predict
+    (tmp_path / "numbers.csv").write_text("id,text\n1,5\n2,\n3,0\n4,12\n")  # integers with a gap: read as floats
+    (tmp_path / "mixed.jsonl").write_text('{"text": 2.5}\n{"text": null}\n{"text": "a great film"}\n')
+    assert predict.read_texts(tmp_path / "numbers.csv") == ["5", "", "0", "12"]
+    assert predict.read_texts(tmp_path / "mixed.jsonl") == ["2.5", "", "a great film"]
+    code, out, _ = run_main(predict, trained, "--file", tmp_path / "numbers.csv", "--format", "csv")
+    assert code == 0 and [r["text"] for r in csv.DictReader(io.StringIO(out))] == ["5", "", "0", "12"]
+    (tmp_path / "lists.jsonl").write_text('{"text": ["a", "b"]}\n')
+    refused(run_main(predict, trained, "--file", tmp_path / "lists.jsonl"), "the text column holds lists")
+
+
+def test_refusals_are_one_line_and_harm_nothing(trained, tmp_path):
+    import predict
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("an earlier result\n")
+    not_a_model = tmp_path / "nothing-here"  # refused before the model would load: it is not even looked at
+    refused(run_main(predict, not_a_model, "--output", tmp_path / "missing" / "out.jsonl", "x"),
+            f"--output {tmp_path / 'missing' / 'out.jsonl'}: no such folder")
+    refused(run_main(predict, not_a_model, "--output", tmp_path, "x"), f"--output {tmp_path} is a folder")
+    for bad in ("-5", "0"):
+        refused(run_main(predict, not_a_model, "--max-len", bad, "x"), f"--max-len must be at least 1, not {bad}")
+    refused(run_main(predict, not_a_model, "--top-k", "0", "x"), "--top-k must be at least 1")
+    refused(run_main(predict, not_a_model, "--encoding", "bogus", "x"), "unknown --encoding 'bogus'")
+    refused(run_main(predict, trained, "--file", kept, "--encoding", "bogus"), "unknown --encoding 'bogus'")
+    refused(run_main(predict, trained, "--output", kept, "--max-len", "2", "x"), "max_len 2 leaves no room for text")
+    refused(run_main(predict, trained, "--output", kept, stdin=b"caf\xe9\n"), "standard input, line 1: not valid utf-8")
+    refused(run_main(predict, trained, "--output", kept, "ok", "caf\udce9"), "text argument 2 is not valid")
+    refused(run_main(predict, trained, "--output", kept, stdin=b""), "no texts")
+    assert kept.read_text() == "an earlier result\n"
+    code, _, _ = run_main(predict, trained, "--output", kept, "--encoding", "latin-1", stdin=b"caf\xe9\n")
+    assert code == 0 and json.loads(kept.read_text())["text"] == "café"
+
+
+def test_broken_model_folders(trained, tmp_path):
+    import shutil
+    import predict
+    for name in ("config.json", "tokenizer.json"):
+        folder = shutil.copytree(trained, tmp_path / name)
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[:len(data) // 2])
+        refused(run_main(predict, folder, "x"), f"{folder}: could not load the model (")
+    folder = shutil.copytree(trained, tmp_path / "no-tokenizer")
+    for f in folder.glob("tokenizer*"):
+        f.unlink()  # transformers would make an empty tokenizer: every word unknown, labels wrong, no error
+    refused(run_main(predict, folder, "x"), f"{folder}: no tokenizer files")
+    folder = shutil.copytree(trained, tmp_path / "cut")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    run = cli(folder, "x")  # a real process: one line, no traceback
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith(f"error: {folder}: could not load the model (") and run.stderr.count("\n") == 1
+
+
+def test_export_refuses_before_writing_anything(trained, tmp_path):
+    import export
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    refused(run_main(export, tmp_path / "nothing-here", "--output-dir", a_file), f"--output-dir {a_file} is a file")
+    assert a_file.read_text() == "not a folder"
+    (tmp_path / "empty.txt").write_text("")
+    refused(run_main(export, trained, "--file", tmp_path / "empty.txt", "--output-dir", tmp_path / "onnx"),
+            f"{tmp_path / 'empty.txt'}: no texts")
+    refused(run_main(export, trained, "--samples", "0", "--output-dir", tmp_path / "onnx"), "--samples must be")
+    assert not (tmp_path / "onnx").exists()
