@@ -4,6 +4,8 @@ token ids -> length-grouped training batches and length-sorted evaluation batche
 
 The entry points: `load_data(cfg)` (splits and class names), `tokenize`, `make_loaders`; `read_file` and
 `find_column` for other scripts that read texts (predict.py)."""
+import hashlib
+import json
 import math
 import os
 import socket
@@ -305,3 +307,14 @@ def describe(data, names):
     sizes = " · ".join(f"{len(data[s]):,} {s}" for s in ("train", "validation", "test") if s in data)
     return f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
 
+
+
+def fingerprint(data, names):
+    """A short hash of the class names and every split's texts and labels: what --resume compares."""
+    digest = hashlib.sha256(json.dumps(names).encode())
+    for split in sorted(data):
+        digest.update(split.encode())
+        for column in ("text", "input_ids", "label"):  # before or after tokenization
+            if column in data[split].column_names:
+                digest.update(json.dumps(data[split][column][:]).encode())
+    return digest.hexdigest()[:16]

@@ -3,10 +3,13 @@ card best/README.md. Plain functions over the numbers train.py already has; matp
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from runs import say
 
 LENGTH_SAMPLE = 2000  # texts tokenized for the statistics: enough for the percentiles, quick even for IMDB
 
@@ -32,6 +35,16 @@ def describe_lengths(stats):
         line += (f"\nMore than a quarter of the texts are cut: --max-len {suggestion} would keep {kept:.0%} of them "
                  f"whole (at about {suggestion / stats['max_len']:.1f}x the cost per example), if the model allows it")
     return line
+
+
+def optional_output(what, write, *args, **kwargs):
+    """Pictures, the model card, a tracker: never worth a trained model. A failure is one line, and the run goes on
+    (the model in best/ and metrics.json are written first)."""
+    try:
+        write(*args, **kwargs)
+    except Exception as e:
+        say(f"Could not write {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(the model and metrics.json are saved)", file=sys.stderr)
 
 
 def _pyplot():

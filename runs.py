@@ -2,10 +2,14 @@
 earlier run is never overwritten by accident, checkpoints and what --resume checks before it continues, and the
 signals that stop a run cleanly. Also `say`: what a run prints, from the main process only."""
 import dataclasses
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -30,37 +34,147 @@ def say(*args, **kwargs):
 # Output folder: nothing is left half-written, and an earlier run is never overwritten by accident
 
 def choose_output_dir(cfg):
-    """A new runs/<preset>-<time> folder unless given; a given folder that holds a run needs --overwrite or
-    --resume."""
+    """A new runs/<preset>-<time> folder unless given (created at once, so two runs started in the same second
+    get two folders); a given folder must be a folder we can write to."""
     if cfg.output_dir is None:
-        base = Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out, n = base, 1
-        while out.exists():
-            n += 1
-            out = base.with_name(f"{base.name}-{n}")
+        out = None
+        if PartialState().is_main_process:
+            base = Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            for n in range(1, 1000):
+                out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+                try:
+                    out.mkdir(parents=True)
+                    break
+                except FileExistsError:
+                    continue
         return Path(broadcast_object_list([str(out)])[0])  # every process must agree on the folder
-    out = Path(cfg.output_dir)
-    if not (cfg.overwrite or cfg.resume) and any((out / name).exists() for name in OUTPUTS):
-        raise UserError(f"{out} already holds a run; continue it with --resume, replace it with --overwrite, "
-                        "or choose another --output-dir")
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").touch()
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --output-dir {out}: {e.strerror or e}") from None
     return out
 
 
-def clear_earlier_run(out):
-    """With --overwrite: remove only what a run writes (never the user's other files in that folder)."""
-    for name in OUTPUTS:
-        for path in (out / name, out / f"{name}.tmp", out / f"{name}.old"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+@contextmanager
+def locked(out):
+    """An OS lock on out/.lock while this run uses the folder (released on any exit, a kill too): a second run on
+    the same folder is refused, naming the holder. The main process holds it for all processes of a run."""
+    if not PartialState().is_main_process:
+        yield
+        return
+    handle = open(out / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{out} is in use by another run ({holder}); wait for it to end or choose another "
+                            "--output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
 
 
-def open_output_dir(out, state, resume):
-    """Make the folder ready for writing: on resume, the log as it stood at the checkpoint (later rows are written
-    again); else no trace of an earlier run."""
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
+def holds_run(out):
+    """Whether `out` holds a run worth protecting: one that got as far as a checkpoint, a model or its metrics.
+    A run killed before its first checkpoint left at most a log: that is not a run, and a new one starts over."""
+    return any((out / name).exists() for name in ("checkpoint", "checkpoint.old", "best", "metrics.json"))
+
+
+def check_output_dir(out, cfg):
+    """Refuse to touch a run in `out` unless told what to do with it (before anything heavy loads)."""
+    if not (cfg.overwrite or cfg.resume) and holds_run(out):
+        raise UserError(f"{out} already holds a run; continue it with --resume, replace it with --overwrite, "
+                        "or choose another --output-dir")
+    if cfg.resume and not (out / "checkpoint").exists() and not (out / "checkpoint.old").exists():
+        if holds_run(out):
+            raise UserError(f"{out} has no checkpoint to resume from; replace the run with --overwrite")
+        say(f"{out} has no checkpoint yet: starting the run from the beginning")
+
+
+def replaced_outputs(cfg):
+    """What a new run replaces: everything a run writes, except a tensorboard/ it does not write itself."""
+    return [name for name in OUTPUTS if name != "tensorboard" or cfg.report_to == "tensorboard"]
+
+
+def open_output_dir(out, state, cfg):
+    """Make the folder ready for this run's writing. On resume: the log as it stood at the checkpoint (later rows
+    are written again). A new run over an earlier one (--overwrite) moves the earlier outputs into out/.replaced/,
+    where they wait until the new run has a result (then they go; if it fails, they come back: restore_earlier_run).
+    Leftovers of a run that never reached a result are simply removed."""
+    if cfg.resume and (out / "checkpoint").exists():
         (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["log"]))
+        return
+    keep = out / ".replaced"
+    earlier = holds_run(out) and not keep.exists()  # with .replaced there already, what is here never finished
+    if earlier:
+        keep.mkdir()
+    for name in replaced_outputs(cfg):
+        for path in (out / name, out / f"{name}.tmp", out / f"{name}.old"):
+            if earlier and path.name == name and path.exists():
+                path.rename(keep / name)
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def discard_earlier_run(out):
+    shutil.rmtree(out / ".replaced", ignore_errors=True)
+
+
+def failed_run(e, cfg, out, main_process):
+    """A failure after the model loaded, as the UserError to raise: what went wrong and what is kept. The run this
+    one was replacing (--overwrite) is put back. An exception that is no user's doing is returned as it is."""
+    if type(e).__name__ == "OutOfMemoryError":  # torch's
+        reason = (f"out of GPU memory at --batch-size {cfg.batch_size} and --max-len {cfg.max_len}: lower "
+                  "--batch-size (raise --grad-accum to keep the global batch), lower --max-len, or use --precision "
+                  "bf16/fp16")
+    elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        reason = f"no space left on the device while writing to {out}: free some space"
+    elif isinstance(e, OSError):
+        reason = f"could not write to {out}: {e}"
+    elif isinstance(e, UserError):
+        reason = str(e)
     else:
-        clear_earlier_run(out)
+        reason = None
+    if main_process and (out / ".replaced").exists():
+        for name in replaced_outputs(cfg):  # what this run wrote
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        for path in (out / ".replaced").iterdir():
+            path.rename(out / path.name)
+        (out / ".replaced").rmdir()
+        kept = f"the earlier run in {out} is restored as it was"
+    elif (out / "checkpoint" / "state.json").is_file():
+        step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+        kept = f"the checkpoint at step {step} is kept (--resume continues from it)"
+    else:
+        kept = "no checkpoint was written yet"
+    return e if reason is None else UserError(f"{reason}; {kept}")
+
+
+def what_is_kept(out):
+    """The line that ends an interrupted run: what it leaves, and how to go on."""
+    state_file = recover(out / "checkpoint") / "state.json"
+    if state_file.is_file():
+        line = (f"Interrupted: checkpoint saved at step {json.loads(state_file.read_text())['step']}. Resume with the "
+                f"same flags plus: --output-dir {out} --resume")
+    else:
+        line = "Interrupted before the first checkpoint: nothing to resume (running again starts over)"
+    if (out / ".replaced").exists():
+        line += f". The earlier run's outputs wait in {out / '.replaced'} until this run finishes"
+    return line
 
 
 def write_json(path, obj):
@@ -88,14 +202,22 @@ def recover(folder):
 
 
 def save_model(model, tokenizer, folder, accelerator):
-    """The model and tokenizer (save_pretrained: safetensors, config with the class names), swapped in whole."""
+    """The model and tokenizer (save_pretrained: safetensors, config with the class names). Written beside `folder`,
+    then moved in file by file (os.replace: atomic), so that `folder` holds a whole, loadable model at every
+    instant, for predict.py or a pipeline reading it during training: the old weights or the new ones (the config,
+    the tokenizer and the class names are the same from epoch to epoch)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        swap_in(tmp, folder)
+        if not folder.exists():
+            tmp.rename(folder)
+        else:
+            for file in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):  # the weights last
+                os.replace(file, folder / file.name)
+            tmp.rmdir()
     accelerator.wait_for_everyone()
 
 
@@ -137,13 +259,19 @@ def save_checkpoint(out, state, accelerator):
 
 
 def read_checkpoint_state(out, cfg):
-    """The saved state, if the run in `out` can be continued with this config (checked before anything loads)."""
+    """The saved state, if the run in `out` can be continued with this config (checked before anything loads);
+    a new state where the run never reached its first checkpoint."""
     state_file = recover(out / "checkpoint") / "state.json"
-    if not state_file.is_file():
-        raise UserError(f"{out} has no checkpoint to resume from; start a new run without --resume")
-    state = json.loads(state_file.read_text())
+    if not (out / "checkpoint").exists():
+        return new_state(cfg)
+    try:
+        state = json.loads(state_file.read_text())
+        saved_config = state["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"the checkpoint in {out} is damaged ({type(e).__name__}: {e}); replace the run with "
+                        "--overwrite") from None
     now = dataclasses.asdict(cfg)
-    changed = [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in state["config"].items()
+    changed = [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in saved_config.items()
                if k not in RESUMABLE_CHANGES and now.get(k) != v]
     if changed:
         raise UserError(f"cannot resume {out} with other settings ({'; '.join(changed)}): they would change the "
@@ -152,13 +280,52 @@ def read_checkpoint_state(out, cfg):
     return state
 
 
+def load_checkpoint(accelerator, out):
+    try:
+        accelerator.load_state(out / "checkpoint")  # model, optimizer, schedule, scaler, RNG (weights_only loads)
+    except Exception as e:
+        raise UserError(f"the checkpoint in {out} is damaged ({type(e).__name__}: {str(e)[:200]}); replace the run "
+                        "with --overwrite") from None
+
+
+def check_same_inputs(state, fingerprints, out):
+    """Resuming on other data or another model would continue from a state that belongs to neither run: refused.
+    `fingerprints`: {what: hash} of this run's data and model, recorded in the state at the first checkpoint."""
+    saved = state.get("fingerprints") or fingerprints
+    changed = [what for what in fingerprints if saved.get(what) != fingerprints[what]]
+    if changed:
+        raise UserError(f"cannot resume {out}: the {' and the '.join(changed)} changed since its checkpoint; "
+                        "resume on the run's own inputs, or start a new run (--overwrite replaces this one)")
+    state["fingerprints"] = fingerprints
+
+
+def model_fingerprint(model, model_config):
+    """A local model folder: a hash of its files; a Hub model: the commit it resolved to."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return getattr(model_config, "_commit_hash", None) or model
+    digest = hashlib.sha256()
+    for file in sorted(f for f in folder.iterdir() if f.is_file()):
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+STOP = {"accelerator": None}  # set while training steps run: a stop request then waits for the next step
+
+
 @contextmanager
-def checkpoint_on_signals(accelerator):
-    """Ctrl-C or SIGTERM asks the loop to stop at the next optimizer step, after writing a checkpoint. A second
-    Ctrl-C stops at once. The request is shared by all processes (accelerate's trigger), so they stop together."""
+def stop_on_signals(out):
+    """Ctrl-C or SIGTERM, at any phase, end the run with KeyboardInterrupt (exit code 130, and a line saying what
+    is kept). During the training steps (graceful_stop) the request waits for the next optimizer step, which
+    writes a checkpoint first; it is shared by all processes (accelerate's trigger), so they stop together.
+    Elsewhere (reading data, validating, testing) it stops at once. A second Ctrl-C stops at once."""
     def request_stop(signum, frame):
-        accelerator.set_trigger()
         signal.signal(signum, previous[signum])
+        if STOP["accelerator"] is None:
+            raise KeyboardInterrupt
+        STOP["accelerator"].set_trigger()
     signals = [signal.SIGINT, signal.SIGTERM]
     in_main_thread = threading.current_thread() is threading.main_thread()  # handlers can only be set there
     previous = {s: signal.getsignal(s) for s in signals} if in_main_thread else {}
@@ -166,7 +333,18 @@ def checkpoint_on_signals(accelerator):
         signal.signal(s, request_stop)
     try:
         yield
+    except KeyboardInterrupt:
+        say(f"\n{what_is_kept(out)}")
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+
+@contextmanager
+def graceful_stop(accelerator):
+    STOP["accelerator"] = accelerator
+    try:
+        yield
+    finally:
+        STOP["accelerator"] = None

@@ -33,9 +33,12 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 import report
-from data import describe, load_data, make_loaders, offline_hint, tokenize, use_cache_only_if_offline
-from runs import (append_to_log, checkpoint_on_signals, choose_output_dir, new_state, open_output_dir,
-                  read_checkpoint_state, recover, save_checkpoint, save_model, say, write_json)
+from data import (describe, fingerprint, load_data, make_loaders, offline_hint, tokenize,
+                  use_cache_only_if_offline)
+from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir,
+                  discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, model_fingerprint,
+                  new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_model, say,
+                  stop_on_signals, write_json)
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
 datasets.disable_progress_bars()
@@ -182,8 +185,8 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
         group_total = float(group_loss)
         loss_value = group_total / group_size
         if not math.isfinite(loss_value):
-            raise UserError(f"the training loss became {loss_value} at step {state['step'] + 1}; the last checkpoint "
-                            "is kept; lower --lr, keep --max-grad-norm on, or use --precision fp32/bf16")
+            raise UserError(f"the training loss became {loss_value} at step {state['step'] + 1}: lower --lr, keep "
+                            "--max-grad-norm on, or use --precision fp32/bf16")
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -230,12 +233,13 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
 
 def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names):
     """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends."""
-    def on_step():
-        if accelerator.check_trigger():  # Ctrl-C / SIGTERM, on any process
+    def stop_if_asked():
+        if accelerator.check_trigger():  # Ctrl-C / SIGTERM during the steps, on any process: a checkpoint first
             save_checkpoint(out, state, accelerator)
-            say(f"\nInterrupted: checkpoint saved at step {state['step']}. Resume with the same flags plus: "
-                f"--output-dir {out} --resume")
             raise KeyboardInterrupt
+
+    def on_step():
+        stop_if_asked()
         if cfg.log_every and state["step"] % cfg.log_every == 0:
             log_step(state, scheduler, out, accelerator)
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
@@ -248,8 +252,9 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
         loaders["train"].set_epoch(epoch)  # a new, seeded order each epoch
         batches = accelerator.skip_first_batches(loaders["train"], state["batches_done"])
         with tqdm(total=len(loaders["train"]), initial=state["batches_done"], desc=f"epoch {epoch}", leave=False,
-                  disable=not main) as bar:
+                  disable=not main) as bar, graceful_stop(accelerator):
             train_loss = train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step)
+        stop_if_asked()  # a request that came after the epoch's last step
         state["train_seconds"] += time.time() - started
         tokens = accelerator.reduce(torch.tensor(state["tokens"], device=accelerator.device), reduction="sum")
         record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": train_loss,
@@ -315,39 +320,41 @@ def train(cfg: Config):
     AcceleratorState._reset_state()  # accelerate keeps its settings per process: a notebook's next run may differ
     PartialState(cpu=several_cpu_processes)  # the processes meet first: they must agree on the output folder
     out = choose_output_dir(cfg)
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=several_cpu_processes,
-                              project_dir=str(out), log_with=None if cfg.report_to == "none" else cfg.report_to,
-                              dynamo_backend="inductor" if cfg.compile else None,  # prepare() compiles the model
-                              step_scheduler_with_optimizer=False)  # we step it, once per optimizer step
-    state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
-    use_cache_only_if_offline(cfg)
-    load_model_config(cfg)
-    set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
-    data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator)
-    if cfg.resume:
-        accelerator.load_state(out / "checkpoint")  # model, optimizer, schedule, scaler, RNG (weights_only loads)
-        say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
-    if accelerator.is_main_process:
-        open_output_dir(out, state, cfg.resume)
-        if cfg.length_histogram:
-            optional_output("lengths.png", report.plot_lengths, lengths, out / "lengths.png")
-    start_tracker(cfg, accelerator)
-    try:
-        with checkpoint_on_signals(accelerator):
+    with locked(out), stop_on_signals(out):
+        check_output_dir(out, cfg)
+        state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
+        accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                                  cpu=several_cpu_processes, project_dir=str(out),
+                                  log_with=None if cfg.report_to == "none" else cfg.report_to,
+                                  dynamo_backend="inductor" if cfg.compile else None,  # prepare() compiles the model
+                                  step_scheduler_with_optimizer=False)  # we step it, once per optimizer step
+        use_cache_only_if_offline(cfg)
+        model_config = load_model_config(cfg)
+        set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
+        data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator)
+        check_same_inputs(state, {"data": fingerprint(data, names), "model": model_fingerprint(cfg.model,
+                                                                                              model_config)}, out)
+        if state["step"]:
+            load_checkpoint(accelerator, out)
+            say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
+        try:
+            if accelerator.is_main_process:
+                open_output_dir(out, state, cfg)
+                if cfg.length_histogram:
+                    report.optional_output("lengths.png", report.plot_lengths, lengths, out / "lengths.png")
+            start_tracker(cfg, accelerator)
             state = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names)
-    except torch.OutOfMemoryError:
-        raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size} and --max-len {cfg.max_len}: lower "
-                        "--batch-size (raise --grad-accum to keep the global batch), lower --max-len, or use "
-                        "--precision bf16/fp16") from None
-    sizes = {split: len(examples) for split, examples in data.items()}
-    return finish(cfg, out, state, loaders, accelerator, names, precision, sizes, started)
+            sizes = {split: len(examples) for split, examples in data.items()}
+            return finish(cfg, out, state, loaders, accelerator, names, precision, sizes, started)
+        except Exception as e:  # after the model loaded: put back an earlier run, say what is kept
+            raise failed_run(e, cfg, out, accelerator.is_main_process) from None
 
 
 def finish(cfg, out, state, loaders, accelerator, names, precision, sizes, started):
     """Evaluate the saved best model on the test split, once, and write metrics.json."""
     accelerator.wait_for_everyone()  # what you evaluate is exactly what you ship: the files in best/
     best_model = AutoModelForSequenceClassification.from_pretrained(
-        recover(out / "best"), use_safetensors=True,
+        out / "best", use_safetensors=True,
         attn_implementation="sdpa" if cfg.attention == "auto" else cfg.attention)
     test_started = time.time()
     test = evaluate(best_model.to(accelerator.device), loaders["test"], accelerator, names)
@@ -362,26 +369,17 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, sizes, start
                           "test_examples_per_second": round(test["n"] / test_seconds, 2)}}
     if accelerator.is_main_process:
         write_json(out / "metrics.json", metrics)  # with best/, the essential output; the rest is nice to have
-        optional_output("curves.png", report.plot_curves, state["log"], out / "curves.png")
-        optional_output("confusion.png", report.plot_confusion, test, out / "confusion.png")
-        optional_output("best/README.md (the model card)", report.write_model_card, metrics, sizes, out / "best")
-    optional_output(f"the {cfg.report_to} log", accelerator.log,
+        discard_earlier_run(out)  # the outputs of the run this one replaces (--overwrite): this one has a result
+        report.optional_output("curves.png", report.plot_curves, state["log"], out / "curves.png")
+        report.optional_output("confusion.png", report.plot_confusion, test, out / "confusion.png")
+        report.optional_output("best/README.md (the model card)", report.write_model_card, metrics, sizes, out / "best")
+    report.optional_output(f"the {cfg.report_to} log", accelerator.log,
                     {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
-    optional_output(f"the {cfg.report_to} log", accelerator.end_training)
+    report.optional_output(f"the {cfg.report_to} log", accelerator.end_training)
     say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
         f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
         f"pipeline('text-classification', model='{out / 'best'}')")
     return metrics
-
-
-def optional_output(what, write, *args, **kwargs):
-    """Pictures, the model card, a tracker: never worth a trained model. A failure is one line, and the run goes on
-    (the model in best/ and metrics.json are written first)."""
-    try:
-        write(*args, **kwargs)
-    except Exception as e:
-        say(f"Could not write {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            "(the model and metrics.json are saved)", file=sys.stderr)
 
 
 def main(cfg):

@@ -1,0 +1,164 @@
+"""The output folder under stress: a lock, --overwrite that keeps the earlier run until the new one has a result,
+best/ loadable at every instant, runs killed early, damaged checkpoints, resume on changed data, stop signals at
+any phase, a full disk."""
+import errno
+import fcntl
+import json
+import os
+import re
+import signal
+
+import pytest
+from accelerate import Accelerator
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import runs
+import train as train_module
+from config import UserError, resolve
+from toy import toy_examples, write_csv
+from train import train
+
+
+@pytest.fixture
+def quick(fast, toy_csv):
+    return {**fast, "dataset": toy_csv, "epochs": 1}
+
+
+def test_a_second_run_on_a_locked_folder_is_refused(quick, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "a+") as holder:  # another run holds the folder
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("pid 4242 on somehost since 2026-11-24 01:00:00\n")
+        holder.flush()
+        with pytest.raises(UserError, match=r"in use by another run \(pid 4242 on somehost"):
+            train(resolve(**quick, output_dir=str(out)))
+    assert train(resolve(**quick, output_dir=str(out)))["test"]["n"] == 80  # the lock goes with its holder
+
+
+def test_default_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runs.time, "strftime", lambda *args: "20261124-010000")
+    first, second = (runs.choose_output_dir(resolve()) for _ in range(2))
+    assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_output_dir_that_is_a_file_is_refused_before_anything_loads(quick, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        train(resolve(**{**quick, "model": "no/such-model"}, output_dir=str(tmp_path / "file")))
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_overwrite_that_fails_restores_the_earlier_run(quick, tmp_path):
+    out = tmp_path / "out"
+    train(resolve(**quick, output_dir=str(out)))
+    before = {name: (out / name).read_bytes() for name in ("metrics.json", "log.jsonl", "best/model.safetensors")}
+    (out / "tensorboard").mkdir()  # the user's own, from another tool: this run does not write one
+    (out / "tensorboard" / "events").write_text("theirs")
+    with pytest.raises(UserError, match=r"loss became nan at step \d+.*the earlier run in .* is restored as it was"):
+        train(resolve(**{**quick, "lr": 1e4}, max_grad_norm=0, output_dir=str(out), overwrite=True))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not (out / ".replaced").exists() and (out / "tensorboard" / "events").read_text() == "theirs"
+    metrics = train(resolve(**quick, seed=7, output_dir=str(out), overwrite=True))  # a good one replaces it
+    assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 7 == metrics["config"]["seed"]
+    assert not (out / ".replaced").exists() and (out / "tensorboard" / "events").read_text() == "theirs"
+
+
+def test_nan_without_a_checkpoint_does_not_claim_one(quick, tmp_path):
+    nan = {**quick, "lr": 1e4, "max_grad_norm": 0}
+    with pytest.raises(UserError, match=r"loss became nan at step \d+: .*; no checkpoint was written yet$"):
+        train(resolve(**nan, output_dir=str(tmp_path / "a")))
+    with pytest.raises(UserError, match=r"loss became nan at step \d+: .*; the checkpoint at step \d+ is kept"):
+        train(resolve(**nan, checkpoint_every=1, output_dir=str(tmp_path / "b")))
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_not_protected(quick, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"kind": "step", "step": 10}\n')  # all a run killed at step 12 leaves
+    assert train(resolve(**quick, output_dir=str(out), resume=True))["best_epoch"] == 1  # from the beginning
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["kind"] == "epoch" and rows[0]["step"] == 18  # the stale row is gone
+    (out / "checkpoint").rename(tmp_path / "gone")
+    (out / "metrics.json").unlink()
+    (out / "log.jsonl").write_text("")
+    assert train(resolve(**quick, output_dir=str(tmp_path / "other")))  # and without --resume:
+    with pytest.raises(UserError, match="already holds a run"):  # best/ is still a run's result
+        train(resolve(**quick, output_dir=str(out)))
+
+
+def test_best_is_loadable_at_every_instant_of_a_save(quick, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    train(resolve(**quick, output_dir=str(out)))
+    model = AutoModelForSequenceClassification.from_pretrained(out / "best")
+    tokenizer = AutoTokenizer.from_pretrained(out / "best")
+    old_weights = (out / "best" / "model.safetensors").read_bytes()
+    replace = os.replace
+
+    def killed_at_the_weights(src, dst):
+        if str(dst).endswith(".safetensors"):
+            raise KeyboardInterrupt  # a kill between two files of the swap
+        replace(src, dst)
+    monkeypatch.setattr(runs.os, "replace", killed_at_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        model.classifier.bias.data += 1
+        runs.save_model(model, tokenizer, out / "best", Accelerator(cpu=True))
+    assert (out / "best" / "model.safetensors").read_bytes() == old_weights
+    AutoModelForSequenceClassification.from_pretrained(out / "best")  # whole and loadable
+
+
+def test_damaged_checkpoint_is_one_line(quick, tmp_path):
+    out = tmp_path / "out"
+    train(resolve(**quick, output_dir=str(out)))
+    weights = next((out / "checkpoint").glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="the checkpoint in .* is damaged"):
+        train(resolve(**{**quick, "epochs": 2}, output_dir=str(out), resume=True))
+    (out / "checkpoint" / "state.json").write_text('{"step": ')
+    with pytest.raises(UserError, match=r"the checkpoint in .* is damaged \(JSONDecodeError"):
+        train(resolve(**{**quick, "epochs": 2}, output_dir=str(out), resume=True))
+
+
+def test_resume_on_changed_data_is_refused(quick, tmp_path):
+    data = write_csv(tmp_path / "data.csv", toy_examples(400))
+    out = tmp_path / "out"
+    train(resolve(**{**quick, "dataset": str(data)}, output_dir=str(out)))
+    rows = toy_examples(400)
+    rows[0] = (rows[0][0], "pos" if rows[0][1] == "neg" else "neg")  # one label changed
+    write_csv(data, rows)
+    with pytest.raises(UserError, match="cannot resume .*: the data changed since its checkpoint"):
+        train(resolve(**{**quick, "dataset": str(data), "epochs": 2}, output_dir=str(out), resume=True))
+
+
+def signal_during(monkeypatch, name):
+    """SIGTERM to this process when train.py calls `name` (once), as if it came in that phase."""
+    real = getattr(train_module, name)
+
+    def with_signal(*args, **kwargs):
+        monkeypatch.setattr(train_module, name, real)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, name, with_signal)
+
+
+@pytest.mark.parametrize("phase, settings, kept", [
+    ("load_data", {}, "Interrupted before the first checkpoint"),
+    ("evaluate", {}, "Interrupted before the first checkpoint"),  # the first validation
+    ("evaluate", {"val_fraction": 0}, r"Interrupted: checkpoint saved at step 20\. Resume"),  # the test split
+])
+def test_sigterm_outside_the_steps_stops_the_run(quick, tmp_path, monkeypatch, capsys, phase, settings, kept):
+    signal_during(monkeypatch, phase)
+    with pytest.raises(KeyboardInterrupt):  # main() turns it into exit code 130
+        train(resolve(**quick, **settings, output_dir=str(tmp_path / "out")))
+    assert any(line.startswith("Interrupted") for line in capsys.readouterr().out.splitlines())
+    assert re.search(kept, runs.what_is_kept(tmp_path / "out"))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored for the notebook
+
+
+def test_a_full_disk_is_one_line(quick, tmp_path, monkeypatch):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train_module, "save_checkpoint", full)
+    with pytest.raises(UserError, match="no space left on the device while writing to .*; no checkpoint was written"):
+        train(resolve(**quick, output_dir=str(tmp_path / "out")))
