@@ -95,12 +95,20 @@ def plot_curves(log, path):
     plt.close(fig)
 
 
+MANY_CLASSES = 30  # beyond this, no numbers in the cells: a heat map and the most confused pairs instead
+
+
 def plot_confusion(test, path):
-    """Counts in the cells, shading by row share (recall), class names on both axes."""
+    """Counts in the cells, shading by row share (recall), class names on both axes. With many classes (the
+    cells would be unreadable, and drawing N² numbers takes gigabytes) a heat map without cell text and the most
+    confused pairs beside it; metrics.json keeps the full matrix."""
     plt = _pyplot()
     counts = np.array(test["confusion_matrix"])
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     names = test["labels"]
+    title = f"Test confusion matrix\nn={test['n']:,} · accuracy {test['accuracy']:.1%}"
+    if len(names) > MANY_CLASSES:
+        return plot_many_classes(plt, counts, shares, names, title, path)
     size = max(4.0, 0.6 * len(names) + 2.5)
     fig, ax = plt.subplots(figsize=(size, size), dpi=100)
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -108,8 +116,24 @@ def plot_confusion(test, path):
         ax.text(j, i, str(count), ha="center", va="center", color="white" if shares[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
-    ax.set(xlabel="predicted", ylabel="true",
-           title=f"Test confusion matrix\nn={test['n']:,} · accuracy {test['accuracy']:.1%}")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_many_classes(plt, counts, shares, names, title, path, pairs=20):
+    errors = counts.copy()
+    np.fill_diagonal(errors, 0)
+    worst = np.argsort(errors, axis=None)[::-1][:pairs]
+    lines = [f"{names[i][:24]} → {names[j][:24]}: {errors[i, j]}" for i, j in zip(*np.unravel_index(worst, errors.shape))
+             if errors[i, j] > 0]
+    fig, (heat, text) = plt.subplots(1, 2, figsize=(14, 7), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
+    heat.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    heat.set(xlabel=f"predicted (class index, {len(names):,} classes)", ylabel="true (class index)", title=title)
+    text.axis("off")
+    text.text(0, 1, "Most confused (true → predicted: count)\n\n" + ("\n".join(lines) or "none"), va="top",
+              family="monospace", fontsize=9, transform=text.transAxes)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

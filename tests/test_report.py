@@ -12,6 +12,7 @@ import config
 from conftest import ROOT
 from config import UserError, resolve
 from report import describe_lengths, length_stats, model_card
+from toy import toy_examples, write_csv
 from train import train
 
 
@@ -105,3 +106,15 @@ def test_a_failing_picture_costs_nothing_else(tiny_model, toy_csv, tmp_path):
     assert [line.split(":")[0] for line in failed] == ["Could not write curves.png", "Could not write confusion.png"]
     assert (out / "metrics.json").is_file() and (out / "best" / "model.safetensors").is_file()
     assert (out / "best" / "README.md").is_file() and not (out / "curves.png").exists()
+
+
+def test_a_thousand_classes_finish_with_a_readable_picture(tiny_model, tmp_path):
+    """200 classes once took 6.9 GB for the picture's cell texts, and 500 were killed for memory."""
+    words = toy_examples(10_000)
+    rows = [(text, f"class-{i % 1000}") for i, (text, _) in enumerate(words)]
+    data = write_csv(tmp_path / "many.csv", rows)
+    metrics = train(resolve(model=tiny_model, dataset=str(data), max_len=16, batch_size=64, epochs=1, val_fraction=0.15,
+                            precision="fp32", output_dir=str(tmp_path / "out")))
+    assert len(metrics["test"]["confusion_matrix"]) == 1000 and metrics["test"]["n"] == 2000
+    with Image.open(tmp_path / "out" / "confusion.png") as image:
+        assert image.size == (1400, 700)  # the many-classes layout, whatever the count
