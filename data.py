@@ -7,6 +7,7 @@ The entry points: `load_data(cfg)` (splits and class names), `tokenize`, `make_l
 import codecs
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -395,6 +396,31 @@ def tokenize(data, tokenizer, max_len):
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
     return data.map(encode, batched=True, remove_columns=["text"])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def check_tokenizer(tokenizer, texts, model, sample=1000, most=0.5):
+    """Refuse a tokenizer that cannot read the training texts: more than half of the tokens of (the first 1,000
+    of) them unknown ([UNK]), or none at all. A model folder without its tokenizer files loads a tokenizer of a
+    few special tokens, without an error, and the run would train on [UNK]s."""
+    ids = tokenizer(list(itertools.islice(texts, sample)), add_special_tokens=False, truncation=False,
+                    verbose=False)["input_ids"]
+    total = sum(len(row) for row in ids)
+    unknown = sum(row.count(tokenizer.unk_token_id) for row in ids) if tokenizer.unk_token_id is not None else 0
+    if total and unknown <= most * total:
+        return
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        why = f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them from the model " \
+              "it was saved from"
+    else:
+        why = "a wrong or incomplete vocabulary for these texts; check --model"
+    share = f"{unknown / total:.0%} of the training texts' tokens as unknown ({tokenizer.unk_token})" if total \
+        else "the training texts as no tokens at all"
+    raise UserError(f"the tokenizer of {model} ({len(tokenizer):,} tokens) reads {share}: {why}")
 
 
 class TrainingBatches(torch.utils.data.Sampler):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 import report
-from data import describe, load_data, make_loaders, offline_hint, tokenize, use_cache_only_if_offline
+from data import check_tokenizer, describe, load_data, make_loaders, offline_hint, tokenize, use_cache_only_if_offline
 from runs import (append_to_log, checkpoint_on_signals, choose_output_dir, new_state, open_output_dir,
                   read_checkpoint_state, recover, save_checkpoint, save_model, say, write_json)
 
@@ -271,6 +271,7 @@ def setup(cfg, accelerator):
     with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
         data, names = load_data(cfg)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        check_tokenizer(tokenizer, data["train"]["text"], cfg.model)  # no tokenizer files: all [UNK]s
         lengths = report.length_stats(data["train"]["text"], tokenizer, cfg.max_len, cfg.seed)
         data = tokenize(data, tokenizer, cfg.max_len)
     say(describe(data, names))

@@ -74,6 +74,17 @@ def test_a_file_replaced_with_the_same_mtime_is_read_again(tmp_path):
     assert names == ["bad", "ok!"] and set(data["train"].features["label"].names) == {"bad", "ok!"}
 
 
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path, toy_csv, tiny, tiny_model):
+    """Its tokenizer would be 5 special tokens: every word [UNK]."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), folder)
+    message = refused(tmp_path, r"reads 100% of the training texts' tokens as unknown \(\[UNK\]\): .* has no "
+                      r"tokenizer files \(tokenizer.json, vocab.txt", dataset=toy_csv, **{**tiny, "model": str(folder)})
+    assert str(folder) in message
+
+
 def test_class_folders_without_txt_files_are_refused_not_skipped(tmp_path):
     rows = toy_examples(40)
     for i, (text, label) in enumerate(rows):  # neg/*.txt and pos/*.TXT, *.Txt: both classes
