@@ -95,6 +95,11 @@ def load_model(cfg, names, attention="sdpa"):
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
             output_loading_info=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=attention)
+    except Exception as e:  # .bin-only weights (only safetensors are loaded), a truncated file: one line
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"could not load the weights of {cfg.model} (model.safetensors): {str(e).splitlines()[0]}") \
+            from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     new = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])

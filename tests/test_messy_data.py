@@ -144,6 +144,27 @@ def test_mixed_json_labels_are_names(tmp_path):
     assert load(dataset=path)[1] == ["7", "neg"]
 
 
+def test_weights_that_do_not_load_are_one_line(tmp_path, toy_csv, tiny, tiny_model):
+    import torch
+    from safetensors.torch import load_file
+    bin_only, truncated = tmp_path / "bin-only", tmp_path / "truncated"
+    shutil.copytree(tiny_model, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    shutil.copytree(tiny_model, bin_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(os.path.join(tiny_model, "model.safetensors")), bin_only / "pytorch_model.bin")
+    refused(tmp_path, r"could not load the weights of .*bin-only \(model.safetensors\): .*no file named "
+            "model.safetensors", dataset=toy_csv, **{**tiny, "model": str(bin_only)})
+    refused(tmp_path, r"could not load the weights of .*truncated \(model.safetensors\): .*incomplete",
+            dataset=toy_csv, **{**tiny, "model": str(truncated)})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 99999999999])
+def test_seeds_out_of_range_are_refused(seed):
+    with pytest.raises(UserError, match=rf"--seed must be in 0..4294967295 .*, not {seed}$"):
+        resolve(seed=seed)
+
+
 def test_fingerprint_follows_every_text_and_label(tmp_path):
     """Stable across two loads of the same file; another one for one changed label or one changed text."""
     rows = toy_examples(100)
