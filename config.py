@@ -119,6 +119,8 @@ def validate(cfg):
          f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")
     need(not (cfg.resume and cfg.overwrite), "--resume continues a run and --overwrite replaces it: pass one of them")
     need(not cfg.resume or cfg.output_dir, "--resume needs --output-dir: the folder of the run to continue")
+    need(0 <= cfg.seed < 2**32, f"--seed must be in 0..{2**32 - 1} (what the random number generators take), "
+         f"not {cfg.seed}")
     need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
     need(cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), not {cfg.max_grad_norm}")

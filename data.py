@@ -4,18 +4,23 @@ token ids -> length-grouped training batches and length-sorted evaluation batche
 
 The entry points: `load_data(cfg)` (splits and class names), `tokenize`, `make_loaders`; `read_file` and
 `find_column` for other scripts that read texts (predict.py)."""
+import codecs
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
+import re
 import socket
 import urllib.parse
 from pathlib import Path
 
 import datasets
 import huggingface_hub
+import pandas
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
@@ -45,11 +50,19 @@ def decode(data, where, cfg):
 
 
 def read_folder(folder, cfg):
-    """A folder with one sub-folder of .txt files per class; the sub-folder names are the class names."""
+    """A folder with one sub-folder of .txt files per class; the sub-folder names are the class names. The files
+    end in .txt in any case (.TXT too); a class folder without one is refused, not skipped (it would drop a class)."""
     texts, labels, replaced = [], [], 0
     for class_dir in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        for file in sorted(class_dir.glob("*.txt")):
-            text, was_replaced = decode(file.read_bytes(), file, cfg)
+        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() == ".txt" and not f.name.startswith("."))
+        if not files:
+            raise UserError(f"{class_dir}: a class folder without .txt files; add its texts or remove the folder")
+        for file in files:
+            try:
+                data = file.read_bytes()
+            except OSError as e:  # permission denied, a folder named x.txt, a broken link...
+                raise UserError(f"{file}: not readable ({e.strerror or type(e).__name__})") from None
+            text, was_replaced = decode(data, file, cfg)
             texts.append(text)
             labels.append(class_dir.name)
             replaced += was_replaced
@@ -60,21 +73,58 @@ def read_folder(folder, cfg):
     return Dataset.from_dict({"text": texts, "label": labels})
 
 
+def read_error(e, text, fmt):
+    """Why a file could not be read, in one line: for JSON the first line that is not valid JSON, else the
+    parser's own first line (datasets wraps it in a message of its own)."""
+    if fmt == "json":
+        try:
+            json.loads(text)
+        except ValueError as whole:  # not one JSON document: JSON Lines, or a broken document
+            if text.lstrip().startswith("["):
+                return f"line {whole.lineno}: not valid JSON ({whole.msg})"
+            for number, line in enumerate(text.splitlines(), start=1):
+                try:
+                    line.strip() and json.loads(line)
+                except ValueError as bad:
+                    return f"line {number}: not valid JSON ({bad.msg})"
+    while e.__cause__ is not None:
+        e = e.__cause__
+    if "corresponds to no data" in str(e):  # a csv of only a header, a JSON []
+        return "no examples in it"
+    return f"could not be read as {fmt}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+
+
 def read_file(path, cfg):
+    """A local file as a Dataset with the file's own columns. csv/tsv cells are read as strings, all of them: a
+    label column that looks like numbers stays names ("1", "2", "other"), the same in every file and every block
+    of a file, whatever pandas would have guessed. Cached by datasets under a name that holds the hash of the
+    file's content: a file replaced by another one with the same modification time is read again."""
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unsupported file type; use .csv, .tsv, .json, .jsonl, .parquet or a folder "
                         "with one sub-folder of .txt files per class")
-    options = {}
+    content = path.read_bytes()
+    if not content.strip().lstrip(codecs.BOM_UTF8).strip():
+        raise UserError(f"{path}: empty")
+    options, text = {}, None
     if fmt != "parquet":  # check the encoding up front: the readers' own errors are tracebacks without a line
-        decode(path.read_bytes(), path, cfg)
+        text = decode(content, path, cfg)[0]
         options = dict(encoding=cfg.encoding, encoding_errors=cfg.decode_errors)
     if path.suffix.lower() == ".tsv":
         options["sep"] = "\t"
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own "Failed to read" line: ours says it
     try:
-        return load_dataset(fmt, data_files=str(path), split="train", **options)
-    except Exception as e:  # malformed csv/json: the parser's own first line says where
-        raise UserError(f"{path}: could not be read as {fmt}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        if fmt == "csv":
+            header = pandas.read_csv(io.BytesIO(content), nrows=0, sep=options.get("sep", ","),
+                                     encoding=cfg.encoding, encoding_errors=cfg.decode_errors).columns
+            options["features"] = Features({str(name): Value("string") for name in header})
+        name = f"sha256-{hashlib.sha256(content).hexdigest()[:24]}"  # the cache follows the content, not the mtime
+        return load_dataset(fmt, name=name, data_files=str(path), split="train", **options)
+    except Exception as e:  # malformed csv/json: say where, in one line
+        raise UserError(f"{path}: {read_error(e, text, fmt)}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def read_local(location, cfg):
@@ -141,43 +191,101 @@ def find_column(ds, given, candidates, what):
                     f"{', '.join(ds.column_names)}; name it with --{what}-column")
 
 
-def class_names(train):
-    """Class names from the data: ClassLabel names, else the sorted distinct values (numbers sort as numbers)."""
-    feature = train.features["label"]
+# Feature types of columns that are not plain values, as far as this version of datasets has them (Json: 5.0)
+LISTS = tuple(t for t in (getattr(datasets, n, None) for n in ("List", "LargeList", "Sequence")) if isinstance(t, type))
+JSON = tuple(t for t in (getattr(datasets, "Json", None),) if isinstance(t, type))
+NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+
+
+def kind_of(feature, values):
+    """What a column holds, as a user would say it: 'text', 'class labels', 'numbers', 'decimal numbers',
+    'true/false values', 'lists', 'dicts' or 'mixed values' (a JSON column of several kinds: 1 and "neg")."""
     if isinstance(feature, ClassLabel):
-        return list(feature.names)
-    values = train.unique("label")
-    missing = sum(1 for v in train["label"] if v is None or v != v)  # None, or NaN from an empty csv cell
-    if missing:
-        raise UserError(f"{missing} training example(s) have no label; fill them in or remove them")
-    if any(isinstance(v, float) for v in values):
-        raise UserError(f"the label column holds decimal numbers (e.g. {values[0]}); a classifier needs class "
-                        "labels: integers or names")
-    return [str(v) for v in sorted(values)]
+        return "class labels"
+    if isinstance(feature, LISTS):
+        return "lists"
+    if isinstance(feature, dict):
+        return "dicts"
+    if isinstance(feature, JSON):
+        kinds = {type(v) for v in values if v is not None}
+        return "lists" if list in kinds else "dicts" if dict in kinds else "mixed values"
+    if isinstance(feature, Value):
+        dtype = feature.dtype
+        if dtype in ("string", "large_string"):
+            return "text"
+        if dtype == "bool":
+            return "true/false values"
+        if dtype.startswith(("int", "uint")):
+            return "numbers"
+        if dtype.startswith(("float", "double", "decimal")):
+            return "decimal numbers"
+    return f"{type(feature).__name__} values"
 
 
-def encode_labels(ds, names, split):
-    """Map the label column to ids 0..K-1 of `names` and make it a ClassLabel (what stratified splits need)."""
-    if isinstance(ds.features["label"], ClassLabel):
-        if ds.features["label"].names != names:
-            raise UserError(f"the {split} split's classes {ds.features['label'].names} differ from train's {names}")
-        if min(ds["label"], default=0) < 0:
-            raise UserError(f"the {split} split has no labels (hidden, as in GLUE's test sets); "
-                            "use --test-split validation")
-        return ds
-    index = {name: i for i, name in enumerate(names)}
-    unseen = sorted({str(v) for v in ds["label"]} - set(index))
-    if unseen:
-        raise UserError(f"the {split} split has labels never seen in training: {', '.join(unseen[:5])}")
-    ds = ds.map(lambda batch: {"label": [index[str(v)] for v in batch["label"]]}, batched=True)
-    return ds.cast_column("label", ClassLabel(names=names))
+def as_text(value):
+    """A scalar as the text it was written as: 1 -> '1' (None stays None: a missing value)."""
+    return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+def text_column_values(ds, column):
+    """The text column as strings. Refused: a column of lists or dicts (which text?), and a column that holds
+    nothing but numbers (typed as numbers, or csv cells that all read as numbers): an id or a score column taken for
+    the text. Mixed JSON values (texts and a few numbers) are read as the text they were written as."""
+    feature = ds.features[column]
+    kind = kind_of(feature, ds[column] if isinstance(feature, JSON) else ())
+    texts = [t for t in ds[column] if isinstance(t, str) and t.strip()] if kind in ("text", "mixed values") else []
+    if kind in ("numbers", "decimal numbers") or texts and all(NUMBER.fullmatch(t) for t in texts):
+        kind = "numbers"
+    if kind not in ("text", "mixed values"):
+        raise UserError(f"the text column '{column}' holds {kind}, not text; name the column of texts with "
+                        "--text-column")
+    return kind
+
+
+def label_column_values(ds, column):
+    """The label column as class names (strings): names stay names, integers become their digits ("1"), a
+    ClassLabel its names. Refused: lists (several labels per text), dicts, decimal numbers."""
+    feature = ds.features[column]
+    kind = kind_of(feature, ds[column] if isinstance(feature, JSON) else ())
+    if kind == "lists":
+        raise UserError(f"the label column '{column}' holds lists (several labels per text) — multi-label is not "
+                        "supported yet")
+    if kind == "decimal numbers":
+        raise UserError(f"the label column '{column}' holds decimal numbers (e.g. {ds[0][column]}); a classifier "
+                        "needs class labels: integers or names")
+    if kind not in ("text", "class labels", "numbers", "true/false values", "mixed values"):
+        raise UserError(f"the label column '{column}' holds {kind}, not class labels; name the column of labels "
+                        "with --label-column")
+    return kind
 
 
 def standardize(ds, cfg, split):
-    """Keep only the text and label columns, named `text` and `label`; drop empty texts (and say so)."""
+    """Keep only the text and label columns, named `text` and `label`, both strings (labels as class names);
+    the train split's ClassLabel names, if it has them, or None."""
     text_col = find_column(ds, cfg.text_column, TEXT_COLUMNS, "text")
     label_col = find_column(ds, cfg.label_column, LABEL_COLUMNS, "label")
+    if text_col == label_col:
+        raise UserError(f"the text and the label column are the same column '{text_col}'; name the other one with "
+                        f"--{'label' if cfg.text_column else 'text'}-column")
+    if len(ds) == 0:
+        raise UserError(f"the {split} split has no examples")
+    text_kind, label_kind = text_column_values(ds, text_col), label_column_values(ds, label_col)
     ds = ds.select_columns([text_col, label_col]).rename_columns({text_col: "text", label_col: "label"})
+    label_feature = ds.features["label"]
+    ordered = list(label_feature.names) if isinstance(label_feature, ClassLabel) else None
+    if ordered is not None and min(ds["label"], default=0) < 0:
+        raise UserError(f"the {split} split has no labels (hidden, as in GLUE's test sets); use --test-split "
+                        "validation")
+    if text_kind != "text" or label_kind != "text":  # to strings: ClassLabel ids to names, 1 to "1"
+        def to_strings(batch):
+            labels = [label_feature.int2str(v) for v in batch["label"]] if ordered else map(as_text, batch["label"])
+            return {"text": [as_text(t) for t in batch["text"]], "label": list(labels)}
+        ds = ds.map(to_strings, batched=True, features=Features({"text": Value("string"), "label": Value("string")}))
+    return ds, ordered
+
+
+def drop_empty_texts(ds, split):
     before = len(ds)
     ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
     if len(ds) < before:
@@ -185,6 +293,40 @@ def standardize(ds, cfg, split):
     if len(ds) == 0:
         raise UserError(f"the {split} split has no examples with text")
     return ds
+
+
+def check_labels(ds, split):
+    """Every example has a label: none missing (an empty csv cell, a null, an empty string)."""
+    missing = sum(1 for v in ds["label"] if v is None or not v.strip())
+    if missing:
+        raise UserError(f"{missing} {'training' if split == 'train' else split} example(s) have no label; fill them "
+                        "in or remove them")
+
+
+def class_names(train, ordered=None):
+    """Class names, once, from the training labels (strings): a ClassLabel's names in its order, else the
+    distinct labels sorted, as numbers when every one is an integer (-1, 1, 2, 10), else as text."""
+    if ordered is not None:
+        return ordered
+    values = sorted(set(train["label"]))
+    if all(INTEGER.fullmatch(v) for v in values):
+        return sorted(values, key=int)
+    if all(NUMBER.fullmatch(v) for v in values):
+        raise UserError(f"the label column holds decimal numbers (e.g. {values[0]}); a classifier needs class "
+                        "labels: integers or names")
+    return values
+
+
+def encode_labels(ds, names, split):
+    """Class names -> ids 0..K-1 of `names` (the training split's, for every split), as a ClassLabel column (what
+    stratified splits need). Written with explicit features: datasets would otherwise read a string "0" that is
+    also a class name as that name, and confuse ids with names."""
+    index = {name: i for i, name in enumerate(names)}
+    unseen = sorted(set(ds["label"]) - set(index))
+    if unseen:
+        raise UserError(f"the {split} split has labels never seen in training: {', '.join(unseen[:5])}")
+    features = Features({"text": ds.features["text"], "label": ClassLabel(names=names)})
+    return ds.map(lambda batch: {"label": [index[v] for v in batch["label"]]}, batched=True, features=features)
 
 
 def stratified_split(ds, size, seed, what):
@@ -203,23 +345,43 @@ def subsample(ds, n, seed, what):
 
 
 def load_data(cfg):
-    """DatasetDict with train, test and (unless val_fraction is 0) validation; plus the class names."""
+    """DatasetDict with train, test and (unless val_fraction is 0) validation; plus the class names. The names
+    come from the training labels, once; every split's labels are mapped to ids through them."""
     train, test = read_dataset(cfg)
-    train = standardize(train, cfg, "train")
-    names = class_names(train)
+    train, ordered = standardize(train, cfg, "train")
+    check_labels(train, "train")
+    names = class_names(train, ordered)
     if len(names) < 2:
         raise UserError(f"the training data has a single class ({names[0]}); a classifier needs at least two")
+    present = set(train["label"])
+    train = drop_empty_texts(train, "train")
+    emptied = sorted(present - set(train["label"]))
+    if emptied:  # a class must not vanish silently with its empty texts
+        raise UserError(f"class '{emptied[0]}' has no training example with text (all of them are empty)")
     train = encode_labels(train, names, "train")
     if test is None:
         train, test = stratified_split(train, cfg.test_fraction, cfg.seed, "test")
     else:
-        test = encode_labels(standardize(test, cfg, "test"), names, "test")
+        test = standardize(test, cfg, "test")[0]
+        check_labels(test, "test")
+        test = encode_labels(drop_empty_texts(test, "test"), names, "test")
     splits = {"test": subsample(test, cfg.eval_samples, cfg.seed, "test")}
     if cfg.val_fraction > 0:
         train, val = stratified_split(train, cfg.val_fraction, cfg.seed, "validation")
         splits["validation"] = subsample(val, cfg.eval_samples, cfg.seed, "validation")
     splits["train"] = subsample(train, cfg.train_samples, cfg.seed, "train")
     return DatasetDict(splits), names
+
+
+def fingerprint(data, names):
+    """A short sha256 of the class names and every split's texts and labels: the same data gives the same
+    fingerprint (the splits are seeded), and one changed text or label another. About a second for IMDB."""
+    digest = hashlib.sha256(json.dumps(list(names)).encode())
+    for split in sorted(data):
+        digest.update(f"\0{split}\0{len(data[split])}".encode())
+        for batch in data[split].select_columns(["text", "label"]).iter(batch_size=10_000):
+            digest.update(json.dumps([batch["text"], batch["label"]], ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
 
 
 
@@ -234,6 +396,31 @@ def tokenize(data, tokenizer, max_len):
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
     return data.map(encode, batched=True, remove_columns=["text"])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
+def check_tokenizer(tokenizer, texts, model, sample=1000, most=0.5):
+    """Refuse a tokenizer that cannot read the training texts: more than half of the tokens of (the first 1,000
+    of) them unknown ([UNK]), or none at all. A model folder without its tokenizer files loads a tokenizer of a
+    few special tokens, without an error, and the run would train on [UNK]s."""
+    ids = tokenizer(list(itertools.islice(texts, sample)), add_special_tokens=False, truncation=False,
+                    verbose=False)["input_ids"]
+    total = sum(len(row) for row in ids)
+    unknown = sum(row.count(tokenizer.unk_token_id) for row in ids) if tokenizer.unk_token_id is not None else 0
+    if total and unknown <= most * total:
+        return
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        why = f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them from the model " \
+              "it was saved from"
+    else:
+        why = "a wrong or incomplete vocabulary for these texts; check --model"
+    share = f"{unknown / total:.0%} of the training texts' tokens as unknown ({tokenizer.unk_token})" if total \
+        else "the training texts as no tokens at all"
+    raise UserError(f"the tokenizer of {model} ({len(tokenizer):,} tokens) reads {share}: {why}")
 
 
 class TrainingBatches(torch.utils.data.Sampler):
@@ -306,15 +493,3 @@ def make_loaders(data, tokenizer, cfg, device_type, processes=1):
 def describe(data, names):
     sizes = " · ".join(f"{len(data[s]):,} {s}" for s in ("train", "validation", "test") if s in data)
     return f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
-
-
-
-def fingerprint(data, names):
-    """A short hash of the class names and every split's texts and labels: what --resume compares."""
-    digest = hashlib.sha256(json.dumps(names).encode())
-    for split in sorted(data):
-        digest.update(split.encode())
-        for column in ("text", "input_ids", "label"):  # before or after tokenization
-            if column in data[split].column_names:
-                digest.update(json.dumps(data[split][column][:]).encode())
-    return digest.hexdigest()[:16]

@@ -288,15 +288,13 @@ def load_checkpoint(accelerator, out):
                         "with --overwrite") from None
 
 
-def check_same_inputs(state, fingerprints, out):
+def check_same_inputs(state, what, fingerprint, out):
     """Resuming on other data or another model would continue from a state that belongs to neither run: refused.
-    `fingerprints`: {what: hash} of this run's data and model, recorded in the state at the first checkpoint."""
-    saved = state.get("fingerprints") or fingerprints
-    changed = [what for what in fingerprints if saved.get(what) != fingerprints[what]]
-    if changed:
-        raise UserError(f"cannot resume {out}: the {' and the '.join(changed)} changed since its checkpoint; "
-                        "resume on the run's own inputs, or start a new run (--overwrite replaces this one)")
-    state["fingerprints"] = fingerprints
+    `what` (data or model) and its fingerprint are recorded in the state, which every checkpoint saves."""
+    saved = state.setdefault("fingerprints", {}).setdefault(what, fingerprint)
+    if saved != fingerprint:
+        raise UserError(f"cannot resume {out}: the {what} changed since its checkpoint; resume on the run's own "
+                        f"{what}, or start a new run (--overwrite replaces this one)")
 
 
 def model_fingerprint(model, model_config):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 import report
-from data import (describe, fingerprint, load_data, make_loaders, offline_hint, tokenize,
+from data import (check_tokenizer, describe, fingerprint, load_data, make_loaders, offline_hint, tokenize,
                   use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir,
                   discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, model_fingerprint,
@@ -98,6 +98,10 @@ def load_model(cfg, names, attention="sdpa"):
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
             output_loading_info=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=attention)
+    except Exception as e:  # .bin-only weights (only safetensors are loaded), a truncated file: one line
+        if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
+            raise
+        raise UserError(f"could not load the weights of {cfg.model} (safetensors): {str(e).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     new = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
@@ -271,11 +275,13 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup, the run, the finish
 
-def setup(cfg, accelerator):
+def setup(cfg, accelerator, state, out):
     """Data, tokenizer, model, optimizer, schedule, loaders, all prepared for the devices."""
     with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
         data, names = load_data(cfg)
+        check_same_inputs(state, "data", fingerprint(data, names), out)  # a resumed run: the same data
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        check_tokenizer(tokenizer, data["train"]["text"], cfg.model)  # no tokenizer files: all [UNK]s
         lengths = report.length_stats(data["train"]["text"], tokenizer, cfg.max_len, cfg.seed)
         data = tokenize(data, tokenizer, cfg.max_len)
     say(describe(data, names))
@@ -329,11 +335,9 @@ def train(cfg: Config):
                                   dynamo_backend="inductor" if cfg.compile else None,  # prepare() compiles the model
                                   step_scheduler_with_optimizer=False)  # we step it, once per optimizer step
         use_cache_only_if_offline(cfg)
-        model_config = load_model_config(cfg)
+        check_same_inputs(state, "model", model_fingerprint(cfg.model, load_model_config(cfg)), out)
         set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
-        data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator)
-        check_same_inputs(state, {"data": fingerprint(data, names), "model": model_fingerprint(cfg.model,
-                                                                                              model_config)}, out)
+        data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out)
         if state["step"]:
             load_checkpoint(accelerator, out)
             say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")

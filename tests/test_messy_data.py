@@ -1,0 +1,178 @@
+"""Messy data read right or refused in one line: labels that look like numbers, files replaced in place, model folders
+without a tokenizer or with the wrong weights, class folders without .txt files, columns of the wrong kind."""
+import json
+import os
+import shutil
+from collections import Counter
+
+import pytest
+
+from config import UserError, resolve
+from data import fingerprint, load_data
+from test_refusals import refused
+from toy import toy_examples, write_csv
+from train import train
+
+
+@pytest.fixture
+def tiny(tiny_model):
+    return dict(model=tiny_model, max_len=32, epochs=1, precision="fp32")
+
+
+def load(**overrides):
+    return load_data(resolve(**{"model": "unused", **overrides}))
+
+
+def load_refused(message, **overrides):
+    with pytest.raises(UserError, match=message) as caught:
+        load(**overrides)
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def relabel(rows, labels):
+    return [(text, labels[i % len(labels)]) for i, (text, _) in enumerate(rows)]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_labels_that_look_like_numbers_are_names_in_every_split(tmp_path, tiny):
+    """Classes 1, 2, 3, other, shuffled in train; a test file of only numbers (and one of all four): each test
+    example keeps its class. They were read as ids once ("1" -> 0, "0" -> id 0...), and `1`/`neg` became one class."""
+    train_csv = write_csv(tmp_path / "train.csv", relabel(toy_examples(160), ["3", "other", "1", "2"]))
+    numbers_only = write_csv(tmp_path / "numbers.csv", relabel(toy_examples(60, seed=1), ["1", "2", "3"]))
+    metrics = train(resolve(dataset=str(train_csv), test_file=str(numbers_only), output_dir=str(tmp_path / "a"),
+                            **tiny))
+    assert {name: c["support"] for name, c in metrics["test"]["per_class"].items()} == \
+        {"1": 20, "2": 20, "3": 20, "other": 0}
+    mixed = write_csv(tmp_path / "mixed.csv", relabel(toy_examples(80, seed=2), ["other", "2", "1", "3"]))
+    data, names = load(dataset=str(train_csv), test_file=str(mixed))
+    assert names == ["1", "2", "3", "other"] and Counter(data["test"]["label"]) == {0: 20, 1: 20, 2: 20, 3: 20}
+    for rows in (relabel(toy_examples(40), ["1", "neg"]), relabel(toy_examples(40), [1, "neg"])):  # csv, jsonl
+        path = write_csv(tmp_path / "one-neg.csv", rows)
+        jsonl = write_jsonl(tmp_path / "one-neg.jsonl", [{"text": t, "label": label} for t, label in rows])
+        for dataset in (path, jsonl):
+            data, names = load(dataset=str(dataset), val_fraction=0)
+            assert names == ["1", "neg"]
+            assert Counter(data["train"]["label"]) + Counter(data["test"]["label"]) == {0: 20, 1: 20}
+    integers = write_csv(tmp_path / "int.csv", relabel(toy_examples(60), ["10", "-1", "2"]))
+    assert load(dataset=str(integers))[1] == ["-1", "2", "10"]  # all integers: sorted as numbers
+
+
+def test_a_file_replaced_with_the_same_mtime_is_read_again(tmp_path):
+    """cp -p, rsync, an unpacked archive: new content, old modification time. The cache follows the content."""
+    path = tmp_path / "data.csv"
+    write_csv(path, relabel(toy_examples(40), ["neg", "pos"]))
+    stamp = os.stat(path).st_mtime_ns
+    assert load(dataset=str(path))[1] == ["neg", "pos"]
+    write_csv(path, relabel(toy_examples(40), ["bad", "ok!"]))  # the same size, too
+    os.utime(path, ns=(stamp, stamp))
+    data, names = load(dataset=str(path))
+    assert names == ["bad", "ok!"] and set(data["train"].features["label"].names) == {"bad", "ok!"}
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path, toy_csv, tiny, tiny_model):
+    """Its tokenizer would be 5 special tokens: every word [UNK]."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), folder)
+    message = refused(tmp_path, r"reads 100% of the training texts' tokens as unknown \(\[UNK\]\): .* has no "
+                      r"tokenizer files \(tokenizer.json, vocab.txt", dataset=toy_csv, **{**tiny, "model": str(folder)})
+    assert str(folder) in message
+
+
+def test_class_folders_without_txt_files_are_refused_not_skipped(tmp_path):
+    rows = toy_examples(40)
+    for i, (text, label) in enumerate(rows):  # neg/*.txt and pos/*.TXT, *.Txt: both classes
+        (tmp_path / "news" / label).mkdir(parents=True, exist_ok=True)
+        suffix = ".txt" if label == "neg" else (".TXT", ".Txt")[i % 2]
+        (tmp_path / "news" / label / f"{i}{suffix}").write_text(text)
+    data, names = load(dataset=str(tmp_path / "news"))
+    assert names == ["neg", "pos"] and sum(len(split) for split in data.values()) == 40
+    (tmp_path / "news" / "sport").mkdir()
+    (tmp_path / "news" / "sport" / "notes.md").write_text("not a text")
+    load_refused(f"{tmp_path / 'news' / 'sport'}: a class folder without .txt files", dataset=str(tmp_path / "news"))
+    shutil.rmtree(tmp_path / "news" / "sport")
+    (tmp_path / "news" / "pos" / "gone.txt").symlink_to(tmp_path / "nowhere")
+    load_refused(f"{tmp_path / 'news' / 'pos' / 'gone.txt'}: not readable", dataset=str(tmp_path / "news"))
+
+
+def bad_jsonl(tmp_path, name, make):
+    return write_jsonl(tmp_path / f"{name}.jsonl", [make(t, label) for t, label in toy_examples(40)])
+
+
+CASES = {  # name: (file maker, overrides, the message)
+    "numbers as texts": (lambda p: bad_jsonl(p, "n", lambda t, l: {"text": len(t), "label": l}), {},
+                         "the text column 'text' holds numbers, not text; name the column of texts with --text-col"),
+    "numbers as texts, csv": (lambda p: write_csv(p / "n.csv", [(len(t), l) for t, l in toy_examples(40)]), {},
+                              "the text column 'text' holds numbers, not text"),
+    "dicts as texts": (lambda p: bad_jsonl(p, "d", lambda t, l: {"text": {"t": t}, "label": l}), {},
+                       "the text column 'text' holds dicts, not text"),
+    "lists as texts": (lambda p: bad_jsonl(p, "l", lambda t, l: {"text": [t], "label": l}), {},
+                       "the text column 'text' holds lists, not text"),
+    "lists as labels": (lambda p: bad_jsonl(p, "ll", lambda t, l: {"text": t, "label": [l]}), {},
+                        r"the label column 'label' holds lists \(several labels per text\) — multi-label is not "
+                        "supported yet"),
+    "one column for both": (lambda p: write_csv(p / "d.csv", toy_examples(40)), {"text_column": "label"},
+                            "the text and the label column are the same column 'label'; name the other one with "
+                            "--label-column"),
+    "one column for both, too": (lambda p: write_csv(p / "d.csv", toy_examples(40)), {"label_column": "text"},
+                                 "the same column 'text'; name the other one with --text-column"),
+    "malformed JSON Lines": (lambda p: (p / "bad.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", '
+                                                                   '"label": \n') and str(p / "bad.jsonl"), {},
+                             r"bad.jsonl: line 2: not valid JSON \(Expecting value\)"),
+    "malformed csv": (lambda p: (p / "bad.csv").write_text('text,label\n"a,1\nb,2\n') and str(p / "bad.csv"), {},
+                      "bad.csv: could not be read as csv: Error tokenizing data. C error: EOF inside string"),
+    "empty file": (lambda p: (p / "e.csv").write_text("") or str(p / "e.csv"), {}, r"e.csv: empty$"),
+    "empty jsonl": (lambda p: (p / "e.jsonl").write_text("\n") and str(p / "e.jsonl"), {}, r"e.jsonl: empty$"),
+    "only a header": (lambda p: write_csv(p / "h.csv", []), {}, r"h.csv: no examples in it$"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_wrong_kinds_of_data_are_one_line(tmp_path, case):
+    make, overrides, message = CASES[case]
+    load_refused(message, dataset=str(make(tmp_path)), **overrides)
+
+
+def test_mixed_json_labels_are_names(tmp_path):
+    path = bad_jsonl(tmp_path, "m", lambda t, l: {"text": t, "label": 7 if l == "pos" else "neg"})
+    assert load(dataset=path)[1] == ["7", "neg"]
+
+
+def test_weights_that_do_not_load_are_one_line(tmp_path, toy_csv, tiny, tiny_model):
+    import torch
+    from safetensors.torch import load_file
+    bin_only, truncated = tmp_path / "bin-only", tmp_path / "truncated"
+    shutil.copytree(tiny_model, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    shutil.copytree(tiny_model, bin_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(os.path.join(tiny_model, "model.safetensors")), bin_only / "pytorch_model.bin")
+    refused(tmp_path, r"could not load the weights of .*bin-only \(model.safetensors\): .*no file named "
+            "model.safetensors", dataset=toy_csv, **{**tiny, "model": str(bin_only)})
+    refused(tmp_path, r"could not load the weights of .*truncated \(model.safetensors\): .*incomplete",
+            dataset=toy_csv, **{**tiny, "model": str(truncated)})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 99999999999])
+def test_seeds_out_of_range_are_refused(seed):
+    with pytest.raises(UserError, match=rf"--seed must be in 0..4294967295 .*, not {seed}$"):
+        resolve(seed=seed)
+
+
+def test_fingerprint_follows_every_text_and_label(tmp_path):
+    """Stable across two loads of the same file; another one for one changed label or one changed text."""
+    rows = toy_examples(100)
+    path = write_csv(tmp_path / "d.csv", rows)
+    first = fingerprint(*load(dataset=str(path)))
+    assert first == fingerprint(*load(dataset=str(path))) and len(first) == 16
+    one_label, one_text = list(rows), list(rows)
+    one_label[57] = (rows[57][0], "neg" if rows[57][1] == "pos" else "pos")
+    one_text[57] = (rows[57][0] + " film", rows[57][1])
+    for variant in (one_label, one_text):
+        assert fingerprint(*load(dataset=str(write_csv(tmp_path / "v.csv", variant)))) != first
