@@ -53,8 +53,9 @@ def choose_output_dir(cfg):
         raise UserError(f"--output-dir {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").touch()
-        (out / ".write-test").unlink()
+        probe = out / f".write-test-{os.getpid()}"  # one per process: they all check at once
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {out}: {e.strerror or e}") from None
     return out

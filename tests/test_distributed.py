@@ -40,7 +40,8 @@ def test_each_test_example_counts_once_and_one_process_writes(two_process_run):
     metrics = json.loads(open(f"{out}/metrics.json").read())
     assert metrics["num_processes"] == 2 and metrics["global_batch_size"] == 32
     assert metrics["test"]["n"] == 41 == sum(map(sum, metrics["test"]["confusion_matrix"]))
-    assert sorted(os.listdir(out)) == ["best", "checkpoint", "confusion.png", "curves.png", "log.jsonl", "metrics.json"]
+    written = sorted(name for name in os.listdir(out) if name != ".lock")  # .lock stays: only its lock goes
+    assert written == ["best", "checkpoint", "confusion.png", "curves.png", "log.jsonl", "metrics.json"]
     assert len(open(f"{out}/log.jsonl").read().splitlines()) == 2
     assert stdout.count("Model: ") == 1 and stdout.count("Test accuracy") == 1  # the main process talks
     assert "batch 16 × 2 × grad_accum 1 = 32" in stdout

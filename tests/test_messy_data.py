@@ -153,9 +153,9 @@ def test_weights_that_do_not_load_are_one_line(tmp_path, toy_csv, tiny, tiny_mod
     (truncated / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     shutil.copytree(tiny_model, bin_only, ignore=shutil.ignore_patterns("*.safetensors"))
     torch.save(load_file(os.path.join(tiny_model, "model.safetensors")), bin_only / "pytorch_model.bin")
-    refused(tmp_path, r"could not load the weights of .*bin-only \(model.safetensors\): .*no file named "
+    refused(tmp_path, r"could not load the weights of .*bin-only \(safetensors\): .*no file named "
             "model.safetensors", dataset=toy_csv, **{**tiny, "model": str(bin_only)})
-    refused(tmp_path, r"could not load the weights of .*truncated \(model.safetensors\): .*incomplete",
+    refused(tmp_path, r"could not load the weights of .*truncated \(safetensors\): .*incomplete",
             dataset=toy_csv, **{**tiny, "model": str(truncated)})
 
 
