@@ -84,6 +84,9 @@ def locked(out):
         yield
     finally:
         handle.close()  # releases the lock
+        if [p.name for p in out.iterdir()] == [".lock"]:  # a run refused before it wrote anything: no litter
+            (out / ".lock").unlink(missing_ok=True)
+            out.rmdir()
 
 
 def holds_run(out):

@@ -378,7 +378,7 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, sizes, start
         report.optional_output("confusion.png", report.plot_confusion, test, out / "confusion.png")
         report.optional_output("best/README.md (the model card)", report.write_model_card, metrics, sizes, out / "best")
     report.optional_output(f"the {cfg.report_to} log", accelerator.log,
-                    {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
+                           {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
     report.optional_output(f"the {cfg.report_to} log", accelerator.end_training)
     say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
         f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
