@@ -231,6 +231,24 @@ def append_to_log(record, state, out, accelerator):
             f.write(json.dumps(record) + "\n")
 
 
+def log_step(state, scheduler, out, accelerator):
+    """A step row: the mean train loss since the last row (per micro-batch) and the lr now."""
+    loss_mark, batches_mark = state["log_mark"]
+    loss = (state["loss_sum"] - loss_mark) / max(state["batches_done"] - batches_mark, 1)
+    state["log_mark"] = [state["loss_sum"], state["batches_done"]]
+    append_to_log({"kind": "step", "epoch": state["epoch"], "step": state["step"], "train_loss": loss,
+                   "lr": scheduler.get_last_lr()[0]}, state, out, accelerator)
+
+
+def start_tracker(cfg, accelerator):
+    """--report-to: accelerate's tracker gets the config now and every log row as it comes (tensorboard: in
+    output_dir/tensorboard)."""
+    if cfg.report_to == "none":
+        return
+    hparams = {k: "none" if v is None else v for k, v in dataclasses.asdict(cfg).items()}  # trackers reject None
+    accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else "text-classifier", hparams)
+
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: everything --resume needs to continue exactly where a run stopped

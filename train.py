@@ -36,9 +36,9 @@ import report
 from data import (check_tokenizer, describe, fingerprint, load_data, make_loaders, offline_hint, tokenize,
                   use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir,
-                  discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, model_fingerprint,
-                  new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_model, say,
-                  stop_on_signals, write_json)
+                  discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, log_step,
+                  model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_model,
+                  say, start_tracker, stop_on_signals, write_json)
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
 datasets.disable_progress_bars()
@@ -206,15 +206,6 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
     return float(total) / n  # mean loss per micro-batch, over all processes
 
 
-def log_step(state, scheduler, out, accelerator):
-    """A step row: the mean train loss since the last row (per micro-batch) and the lr now."""
-    loss_mark, batches_mark = state["log_mark"]
-    loss = (state["loss_sum"] - loss_mark) / max(state["batches_done"] - batches_mark, 1)
-    state["log_mark"] = [state["loss_sum"], state["batches_done"]]
-    append_to_log({"kind": "step", "epoch": state["epoch"], "step": state["step"], "train_loss": loss,
-                   "lr": scheduler.get_last_lr()[0]}, state, out, accelerator)
-
-
 def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started):
     """Validate, log, keep the best model; returns the summary line."""
     val = evaluate(model, loaders["validation"], accelerator, names) if "validation" in loaders else None
@@ -304,15 +295,6 @@ def setup(cfg, accelerator, state, out):
         f"{accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × grad_accum {cfg.grad_accum} = "
         f"{batch} · {total_steps} steps")
     return data, names, tokenizer, model, optimizer, scheduler, loaders, lengths
-
-
-def start_tracker(cfg, accelerator):
-    """--report-to: accelerate's tracker gets the config now and every log row as it comes (tensorboard: in
-    output_dir/tensorboard)."""
-    if cfg.report_to == "none":
-        return
-    hparams = {k: "none" if v is None else v for k, v in dataclasses.asdict(cfg).items()}  # trackers reject None
-    accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else "text-classifier", hparams)
 
 
 def train(cfg: Config):
