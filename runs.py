@@ -261,6 +261,7 @@ def new_state(cfg):
     number generators are saved beside it by accelerate."""
     return {"epoch": 1, "batches_done": 0, "loss_sum": 0.0, "step": 0, "best_score": None, "best_epoch": None,
             "best_val": None, "log": [], "log_mark": [0.0, 0], "tokens": [0, 0], "train_seconds": 0.0,
+            "bad_epochs": 0, "stopped": None,  # --patience: validations since the best; why and when it stopped
             "config": dataclasses.asdict(cfg)}
 
 
@@ -296,7 +297,7 @@ def read_checkpoint_state(out, cfg):
         raise UserError(f"cannot resume {out} with other settings ({'; '.join(changed)}): they would change the "
                         "result; resume with the run's own flags (only --epochs may change) or start a new run")
     state["config"] = now
-    return state
+    return {**new_state(cfg), **state}  # a checkpoint from before a key was added: that key's start value
 
 
 def load_checkpoint(accelerator, out):
