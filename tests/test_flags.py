@@ -11,7 +11,6 @@ from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
-import train as train_module
 from toy import FILLER, NEGATIVE, POSITIVE, toy_examples, write_csv
 from config import UserError, parse_args, resolve
 from data import class_weights, describe, load_data, truncate
@@ -149,19 +148,10 @@ def test_patience_stops_after_n_validations_without_improvement(stuck, tmp_path,
     assert [r["epoch"] for r in epoch_rows(tmp_path / "off")] == [1, 2, 3, 4, 5]
 
 
-def test_patience_survives_a_crash_and_resume(stuck, tmp_path, monkeypatch):
+def test_patience_survives_a_crash_and_resume(stuck, tmp_path, crash_at_checkpoint):
     expected = train(resolve(output_dir=str(tmp_path / "reference"), **stuck))
-    save_state, calls = train_module.Accelerator.save_state, []
-
-    def crash_on_third_save(self, folder):
-        calls.append(folder)
-        if len(calls) == 3:  # epoch 3's checkpoint: the machine dies; epoch 2's (one epoch without gain) is kept
-            raise SystemExit("killed")
-        return save_state(self, folder)
-    monkeypatch.setattr(train_module.Accelerator, "save_state", crash_on_third_save)
-    with pytest.raises(SystemExit):
-        train(resolve(output_dir=str(tmp_path / "out"), **stuck))
-    monkeypatch.undo()
+    # the machine dies at epoch 3's checkpoint: epoch 2's is kept, with one validation without gain counted
+    crash_at_checkpoint(3, lambda: train(resolve(output_dir=str(tmp_path / "out"), **stuck)))
     saved = json.loads((tmp_path / "out" / "checkpoint" / "state.json").read_text())
     assert (saved["epoch"], saved["bad_epochs"], saved["stopped"]) == (3, 1, None)
     resumed = train(resolve(output_dir=str(tmp_path / "out"), resume=True, **stuck))
