@@ -38,6 +38,7 @@ class Config:
     test_fraction: float = 0.2  # test carved from train, only when the dataset has no test split
     # model and optimisation
     max_len: int = 256  # tokens kept per text; longer texts are truncated
+    truncation: str = "head"  # what a cut text keeps: head, tail or head+tail (1/4 from its start, 3/4 from its end)
     batch_size: int = 16  # training examples per batch, per device
     eval_batch_size: int = 64  # evaluation examples per batch, per device
     epochs: int = 3  # passes over the training split
@@ -53,6 +54,8 @@ class Config:
     precision: str = "auto"  # auto = bf16 on Ampere+ GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32
     attention: str = "auto"  # attention kernels (auto: the faster one measured for the device and precision)
     metric_for_best: str = "accuracy"  # the validation metric that picks the best epoch
+    class_weights: str = "none"  # balanced = each class's loss weighted by inverse frequency, for skewed classes
+    patience: int = 0  # stop after N validations without improvement of metric-for-best; 0 = train every epoch
     seed: int = 42  # the head's initialization, dropout, the splits and the batch order
     trust_remote_code: bool = False  # allow a Hub model or dataset to run its own code
     # output
@@ -70,6 +73,8 @@ CHOICES = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "attention": ("auto", "sdpa", "eager"),
     "metric_for_best": ("accuracy", "f1_macro"),
+    "truncation": ("head", "tail", "head+tail"),
+    "class_weights": ("none", "balanced"),
     "decode_errors": ("strict", "replace"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow"),
 }
@@ -114,6 +119,9 @@ def validate(cfg):
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (or none), not {value}")
     need(cfg.report_to == "none" or importlib.util.find_spec(cfg.report_to),
          f"--report-to {cfg.report_to} needs its package: pip install {cfg.report_to}")
+    need(cfg.patience >= 0, f"--patience must be >= 0 (0 = off), not {cfg.patience}")
+    need(cfg.patience == 0 or cfg.val_fraction > 0,
+         "--patience needs a validation split to watch: --val-fraction above 0 (or --patience 0)")
     need(cfg.log_every >= 0, f"--log-every must be >= 0 (0 = epoch rows only), not {cfg.log_every}")
     need(cfg.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")

@@ -388,14 +388,37 @@ def fingerprint(data, names):
 # ----------------------------------------------------------------------------------------------------------------
 # Tokens and batches
 
-def tokenize(data, tokenizer, max_len):
-    """Token ids per example, truncated to max_len and NOT padded: each batch is padded to its own longest.
-    The `length` column is for batching texts of similar length together (make_loaders takes it off)."""
+def truncate(rows, tokenizer, max_len, truncation="head"):
+    """Token ids of texts (untruncated, without special tokens) -> the model's inputs, at most max_len each: the
+    kept ids between the tokenizer's own special tokens ([CLS] ... [SEP] for BERT, <s> ... </s> for RoBERTa). A
+    text too long keeps its head, its tail, or with head+tail a quarter of the room from its start and the rest
+    from its end (Sun et al. 2019 found that best for long reviews)."""
+    plain, full = tokenizer("x", add_special_tokens=False)["input_ids"], tokenizer("x")["input_ids"]
+    start = next(i for i in range(len(full)) if full[i:i + len(plain)] == plain)
+    before, after = full[:start], full[start + len(plain):]  # the special tokens around a text
+    room = max(max_len - len(before) - len(after), 0)
+    head = {"head": room, "tail": 0, "head+tail": room // 4}[truncation]
+    return [before + (ids if len(ids) <= room else ids[:head] + ids[len(ids) - (room - head):]) + after
+            for ids in rows]
+
+
+def tokenize(data, tokenizer, max_len, truncation="head"):
+    """Token ids per example, truncated to max_len (see truncate) and NOT padded: each batch is padded to its own
+    longest. The `length` column is for batching texts of similar length together (make_loaders takes it off)."""
     def encode(batch):
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_len)
-        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
-        return encoded
+        ids = truncate(tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"], tokenizer,
+                       max_len, truncation)
+        return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids], "length": list(map(len, ids))}
     return data.map(encode, batched=True, remove_columns=["text"])
+
+
+def class_weights(labels, n_classes, how="none", device="cpu"):
+    """--class-weights: None (the model's plain loss), or balanced: n / (classes x count) for each class, what
+    scikit-learn's compute_class_weight("balanced") gives, so that every class weighs as much in the loss."""
+    if how == "none":
+        return None
+    counts = torch.bincount(torch.as_tensor(labels), minlength=n_classes).clamp(min=1)
+    return (len(labels) / (n_classes * counts.float())).to(device)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -490,6 +513,17 @@ def make_loaders(data, tokenizer, cfg, device_type, processes=1):
     return loaders
 
 
-def describe(data, names):
+def describe(data, names, cfg):
+    """The data line; with skewed classes (the largest over 3x the smallest in training) their counts and what helps."""
     sizes = " · ".join(f"{len(data[s]):,} {s}" for s in ("train", "validation", "test") if s in data)
-    return f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+    line = f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+    counts = torch.bincount(torch.as_tensor(data["train"]["label"]), minlength=len(names)).tolist()
+    if max(counts) > 3 * min(counts):
+        counted = [f"{names[c]} {counts[c]:,}" for c in sorted(range(len(names)), key=lambda c: -counts[c])]
+        if len(counted) > 6:
+            counted = counted[:3] + ["..."] + counted[-2:]
+        hints = [flag for flag, unset in (("--metric-for-best f1_macro", cfg.metric_for_best != "f1_macro"),
+                                          ("--class-weights balanced", cfg.class_weights != "balanced")) if unset]
+        line += f"\nSkewed classes (training examples: {' · '.join(counted)})" + \
+            (f": consider {' and '.join(hints)}" if hints else "")
+    return line

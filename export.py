@@ -118,7 +118,9 @@ def compare(model_dir, out, texts, labels, max_len, benchmark):
     fp32 = export_onnx(model, tokenizer, out / "model.onnx")
     int8 = quantize(fp32, out / "model.int8.onnx")
     forwards = {"pytorch": torch_forward(model), "onnx": onnx_forward(fp32), "onnx_int8": onnx_forward(int8)}
-    logits = {name: predict_logits(texts, tokenizer, f, 64, max_len) for name, f in forwards.items()}
+    truncation = getattr(model.config, "truncation", "head")  # long texts cut as in training
+    logits = {name: predict_logits(texts, tokenizer, f, 64, max_len, truncation=truncation)
+              for name, f in forwards.items()}
     reference = logits["pytorch"].argmax(-1)
     report = {"n": len(texts), "max_len": max_len, "files": {"onnx": str(fp32), "onnx_int8": str(int8)}}
     for name, values in logits.items():

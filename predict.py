@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from config import OneLineParser, UserError, resolve
-from data import FILE_FORMATS, TEXT_COLUMNS, find_column, read_file
+from data import FILE_FORMATS, TEXT_COLUMNS, find_column, read_file, truncate
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -70,9 +70,11 @@ def torch_forward(model):
 
 
 @torch.no_grad()
-def predict_logits(texts, tokenizer, forward, batch_size=64, max_len=None, progress=False):
-    """Logits, one row per text, in the texts' order. Long texts are truncated to max_len, not refused."""
-    ids = tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+def predict_logits(texts, tokenizer, forward, batch_size=64, max_len=None, progress=False, truncation="head"):
+    """Logits, one row per text, in the texts' order. Long texts are cut to max_len as in training (`truncation`:
+    head, tail or head+tail, the model's own in predict()), not refused."""
+    ids = truncate(tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"], tokenizer,
+                   max_len or tokenizer.model_max_length, truncation)
     rows = [None] * len(ids)
     for batch in tqdm(batches_by_length(ids, batch_size), desc="predicting", disable=not progress, file=sys.stderr):
         logits = forward(tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt"))
@@ -98,7 +100,7 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     if not texts:
         return []
     logits = predict_logits(texts, tokenizer, torch_forward(model), batch_size, max_tokens(model, tokenizer, max_len),
-                            progress)
+                            progress, getattr(model.config, "truncation", "head"))  # as the model was trained
     probs = logits.softmax(-1)
     names = model.config.id2label
     results = []

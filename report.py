@@ -25,7 +25,7 @@ def length_stats(texts, tokenizer, max_len, seed=0):
             "truncated": float((lengths > max_len).mean()), "max_len": max_len, "lengths": lengths.tolist()}
 
 
-def describe_lengths(stats):
+def describe_lengths(stats, truncation="head"):
     line = (f"Lengths in tokens ({stats['n']:,} training texts): median {stats['median']:.0f} · p90 {stats['p90']:.0f} "
             f"· p99 {stats['p99']:.0f} · max {stats['max']:,} · {stats['truncated']:.0%} cut at --max-len "
             f"{stats['max_len']}")
@@ -34,6 +34,8 @@ def describe_lengths(stats):
         kept = np.mean(np.array(stats["lengths"]) <= suggestion)
         line += (f"\nMore than a quarter of the texts are cut: --max-len {suggestion} would keep {kept:.0%} of them "
                  f"whole (at about {suggestion / stats['max_len']:.1f}x the cost per example), if the model allows it")
+        if truncation != "head+tail":
+            line += "\nOr keep the start and the end of each text, at the same cost: --truncation head+tail"
     return line
 
 

@@ -234,6 +234,24 @@ def append_to_log(record, state, out, accelerator):
             f.write(json.dumps(record) + "\n")
 
 
+def log_step(state, scheduler, out, accelerator):
+    """A step row: the mean train loss since the last row (per micro-batch) and the lr now."""
+    loss_mark, batches_mark = state["log_mark"]
+    loss = (state["loss_sum"] - loss_mark) / max(state["batches_done"] - batches_mark, 1)
+    state["log_mark"] = [state["loss_sum"], state["batches_done"]]
+    append_to_log({"kind": "step", "epoch": state["epoch"], "step": state["step"], "train_loss": loss,
+                   "lr": scheduler.get_last_lr()[0]}, state, out, accelerator)
+
+
+def start_tracker(cfg, accelerator):
+    """--report-to: accelerate's tracker gets the config now and every log row as it comes (tensorboard: in
+    output_dir/tensorboard)."""
+    if cfg.report_to == "none":
+        return
+    hparams = {k: "none" if v is None else v for k, v in dataclasses.asdict(cfg).items()}  # trackers reject None
+    accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else "text-classifier", hparams)
+
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: everything --resume needs to continue exactly where a run stopped
@@ -246,6 +264,7 @@ def new_state(cfg):
     number generators are saved beside it by accelerate."""
     return {"epoch": 1, "batches_done": 0, "loss_sum": 0.0, "step": 0, "best_score": None, "best_epoch": None,
             "best_val": None, "log": [], "log_mark": [0.0, 0], "tokens": [0, 0], "train_seconds": 0.0,
+            "bad_epochs": 0, "stopped": None,  # --patience: validations since the best; why and when it stopped
             "config": dataclasses.asdict(cfg)}
 
 
@@ -281,7 +300,7 @@ def read_checkpoint_state(out, cfg):
         raise UserError(f"cannot resume {out} with other settings ({'; '.join(changed)}): they would change the "
                         "result; resume with the run's own flags (only --epochs may change) or start a new run")
     state["config"] = now
-    return state
+    return {**new_state(cfg), **state}  # a checkpoint from before a key was added: that key's start value
 
 
 def load_checkpoint(accelerator, out):

@@ -33,12 +33,12 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 import report
-from data import (check_tokenizer, describe, fingerprint, load_data, make_loaders, offline_hint, tokenize,
-                  use_cache_only_if_offline)
+from data import (check_tokenizer, class_weights, describe, fingerprint, load_data, make_loaders, offline_hint,
+                  tokenize, use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir,
-                  discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, model_fingerprint,
-                  new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_model, say,
-                  stop_on_signals, write_json)
+                  discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, log_step,
+                  model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_model,
+                  say, start_tracker, stop_on_signals, write_json)
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
 datasets.disable_progress_bars()
@@ -104,6 +104,7 @@ def load_model(cfg, names, attention="sdpa"):
         raise UserError(f"could not load the weights of {cfg.model} (safetensors): {str(e).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    model.config.truncation = cfg.truncation  # saved in best/config.json: predict.py cuts long texts alike
     new = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
     head = [k for k in new if not k.startswith(model.base_model_prefix)]
     body = [k for k in new if k.startswith(model.base_model_prefix)]
@@ -164,7 +165,8 @@ def evaluate(model, loader, accelerator, names):
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
-def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step=lambda: None):
+def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step=lambda: None,
+                weights=None):
     """The rest of one pass over the training data (all of it, unless resuming mid-epoch); updates `state`.
 
     Gradients of `grad_accum` micro-batches add up before each optimizer step, which comes on the LAST micro-batch
@@ -178,7 +180,9 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
         group_size = min(cfg.grad_accum, n - group_start)
         step_now = i + 1 == group_start + group_size
         with nullcontext() if step_now else accelerator.no_sync(model):  # no gradient all-reduce mid-group
-            loss = model(**batch).loss
+            output = model(**batch)  # with --class-weights the loss is ours: the model's own takes no weights
+            loss = output.loss if weights is None else \
+                torch.nn.functional.cross_entropy(output.logits.float(), batch["labels"], weight=weights)
             accelerator.backward(loss / group_size)
         group_loss += loss.detach()
         group_tokens += batch["attention_mask"].sum()  # real tokens; the rest of the positions are padding
@@ -206,15 +210,6 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
     return float(total) / n  # mean loss per micro-batch, over all processes
 
 
-def log_step(state, scheduler, out, accelerator):
-    """A step row: the mean train loss since the last row (per micro-batch) and the lr now."""
-    loss_mark, batches_mark = state["log_mark"]
-    loss = (state["loss_sum"] - loss_mark) / max(state["batches_done"] - batches_mark, 1)
-    state["log_mark"] = [state["loss_sum"], state["batches_done"]]
-    append_to_log({"kind": "step", "epoch": state["epoch"], "step": state["step"], "train_loss": loss,
-                   "lr": scheduler.get_last_lr()[0]}, state, out, accelerator)
-
-
 def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started):
     """Validate, log, keep the best model; returns the summary line."""
     val = evaluate(model, loaders["validation"], accelerator, names) if "validation" in loaders else None
@@ -222,9 +217,13 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
         record.update({f"val_{k}": val[k] for k in ("accuracy", "f1_macro", "loss")})
     seconds = time.time() - started
     record["seconds"] = round(seconds, 2)
-    append_to_log(record, state, out, accelerator)
     score = val[cfg.metric_for_best] if val else None
     improved = val is None or state["best_score"] is None or score > state["best_score"]  # no validation: the last
+    state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+    if cfg.patience and state["bad_epochs"] >= cfg.patience:  # early stopping
+        record["stopped"] = f"no improvement in val {cfg.metric_for_best} for {state['bad_epochs']} epochs"
+        state["stopped"] = {"epoch": state["epoch"], "reason": record["stopped"]}
+    append_to_log(record, state, out, accelerator)
     if improved:
         save_model(model, tokenizer, out / "best", accelerator)
         state.update(best_score=score, best_epoch=state["epoch"], best_val=val)
@@ -232,10 +231,10 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
     if val:
         summary += f" · val accuracy {val['accuracy']:.4f} · macro-F1 {val['f1_macro']:.4f}"
     return summary + f" · lr {record['lr']:.2e} · padding {record['padding']:.0%} · {seconds:.0f}s" + \
-        (" *" if improved else "")
+        (" *" if improved else "") + (f"\nStopped early: {record['stopped']}" if "stopped" in record else "")
 
 
-def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names):
+def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names, weights=None):
     """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends."""
     def stop_if_asked():
         if accelerator.check_trigger():  # Ctrl-C / SIGTERM during the steps, on any process: a checkpoint first
@@ -250,14 +249,16 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
             save_checkpoint(out, state, accelerator)
 
     main = accelerator.is_main_process
-    for epoch in tqdm(range(state["epoch"], cfg.epochs + 1), desc="epochs", disable=not main):
+    epochs = range(state["epoch"], 0 if state["stopped"] else cfg.epochs + 1)  # none left after an early stop
+    for epoch in tqdm(epochs, desc="epochs", disable=not main):
         started = time.time()
         state["epoch"] = epoch
         loaders["train"].set_epoch(epoch)  # a new, seeded order each epoch
         batches = accelerator.skip_first_batches(loaders["train"], state["batches_done"])
         with tqdm(total=len(loaders["train"]), initial=state["batches_done"], desc=f"epoch {epoch}", leave=False,
                   disable=not main) as bar, graceful_stop(accelerator):
-            train_loss = train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step)
+            train_loss = train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step,
+                                     weights)
         stop_if_asked()  # a request that came after the epoch's last step
         state["train_seconds"] += time.time() - started
         tokens = accelerator.reduce(torch.tensor(state["tokens"], device=accelerator.device), reduction="sum")
@@ -269,6 +270,8 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
         save_checkpoint(out, state, accelerator)
         if main:
             tqdm.write(summary)  # tqdm.write keeps the bars intact
+        if state["stopped"]:
+            break
     return state
 
 
@@ -283,9 +286,9 @@ def setup(cfg, accelerator, state, out):
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         check_tokenizer(tokenizer, data["train"]["text"], cfg.model)  # no tokenizer files: all [UNK]s
         lengths = report.length_stats(data["train"]["text"], tokenizer, cfg.max_len, cfg.seed)
-        data = tokenize(data, tokenizer, cfg.max_len)
-    say(describe(data, names))
-    say(report.describe_lengths(lengths))
+        data = tokenize(data, tokenizer, cfg.max_len, cfg.truncation)
+    say(describe(data, names, cfg))
+    say(report.describe_lengths(lengths, cfg.truncation))
     precision = accelerator.mixed_precision.replace("no", "fp32")
     attention = choose_attention(cfg.attention, accelerator.device.type, precision)
     model = load_model(cfg, names, attention)
@@ -304,15 +307,6 @@ def setup(cfg, accelerator, state, out):
         f"{accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × grad_accum {cfg.grad_accum} = "
         f"{batch} · {total_steps} steps")
     return data, names, tokenizer, model, optimizer, scheduler, loaders, lengths
-
-
-def start_tracker(cfg, accelerator):
-    """--report-to: accelerate's tracker gets the config now and every log row as it comes (tensorboard: in
-    output_dir/tensorboard)."""
-    if cfg.report_to == "none":
-        return
-    hparams = {k: "none" if v is None else v for k, v in dataclasses.asdict(cfg).items()}  # trackers reject None
-    accelerator.init_trackers("tensorboard" if cfg.report_to == "tensorboard" else "text-classifier", hparams)
 
 
 def train(cfg: Config):
@@ -347,7 +341,8 @@ def train(cfg: Config):
                 if cfg.length_histogram:
                     report.optional_output("lengths.png", report.plot_lengths, lengths, out / "lengths.png")
             start_tracker(cfg, accelerator)
-            state = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names)
+            weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
+            state = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names, weights)
             sizes = {split: len(examples) for split, examples in data.items()}
             return finish(cfg, out, state, loaders, accelerator, names, precision, sizes, started)
         except Exception as e:  # after the model loaded: put back an earlier run, say what is kept
@@ -364,11 +359,13 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, sizes, start
     test = evaluate(best_model.to(accelerator.device), loaders["test"], accelerator, names)
     test_seconds, seconds = time.time() - test_started, state["train_seconds"]
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
+               "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
                "config": dataclasses.asdict(cfg), "output_dir": str(out), "precision": precision,
                "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:
                "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
                "timing": {"total_seconds": round(time.time() - started, 2), "train_seconds": round(seconds, 2),
-                          "train_examples_per_second": round(sizes["train"] * cfg.epochs / max(seconds, 1e-9), 2),
+                          "train_examples_per_second": round(sizes["train"] * (state["epoch"] - 1)  # epochs trained
+                                                             / max(seconds, 1e-9), 2),
                           "test_seconds": round(test_seconds, 2),
                           "test_examples_per_second": round(test["n"] / test_seconds, 2)}}
     if accelerator.is_main_process:

@@ -32,3 +32,27 @@ def fast(tiny_model):
     """Overrides for a quick run of the tiny model: settings where the toy task is learned in seconds."""
     return dict(model=tiny_model, max_len=32, batch_size=16, eval_batch_size=32, epochs=3, lr=3e-3,
                 warmup_ratio=0.1, precision="fp32")
+
+
+@pytest.fixture
+def crash_at_checkpoint(monkeypatch):
+    """crash_at_checkpoint(n, run, half_written=False): run() with the machine dying as it writes its n-th
+    checkpoint (SystemExit, which no handler catches), leaving that checkpoint half written or not begun."""
+    import train as train_module
+    save_state = train_module.Accelerator.save_state
+
+    def crash(n, run, half_written=False):
+        calls = []
+
+        def dying_save(self, folder):
+            calls.append(folder)
+            if len(calls) == n:
+                if half_written:
+                    folder.mkdir()
+                    (folder / "model.safetensors").write_bytes(b"half a file")
+                raise SystemExit("killed")
+            return save_state(self, folder)
+        with monkeypatch.context() as patch, pytest.raises(SystemExit):
+            patch.setattr(train_module.Accelerator, "save_state", dying_save)
+            run()
+    return crash

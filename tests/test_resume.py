@@ -88,23 +88,12 @@ def test_sigint_saves_a_checkpoint_and_exits_130(job, tmp_path):
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_with_dropout, toy_csv, tmp_path,
-                                                                monkeypatch):
+                                                                crash_at_checkpoint):
     settings = dict(model=tiny_model_with_dropout, dataset=toy_csv, max_len=32, epochs=3, lr=3e-3,
                     precision="fp32", checkpoint_every=0)  # checkpoints at epoch ends only
     expected = train(resolve(output_dir=str(tmp_path / "reference"), **settings))
-    save_state, calls = train_module.Accelerator.save_state, []
-
-    def crash_on_second_save(self, folder):
-        calls.append(folder)
-        if len(calls) == 2:  # epoch 2's checkpoint: half written, then the machine dies
-            folder.mkdir()
-            (folder / "model.safetensors").write_bytes(b"half a file")
-            raise SystemExit("killed")
-        return save_state(self, folder)
-    monkeypatch.setattr(train_module.Accelerator, "save_state", crash_on_second_save)
-    with pytest.raises(SystemExit):
-        train(resolve(output_dir=str(tmp_path / "out"), **settings))
-    monkeypatch.undo()
+    # epoch 2's checkpoint: half written, then the machine dies
+    crash_at_checkpoint(2, lambda: train(resolve(output_dir=str(tmp_path / "out"), **settings)), half_written=True)
     assert json.loads((tmp_path / "out" / "checkpoint" / "state.json").read_text())["epoch"] == 2
     resumed = train(resolve(output_dir=str(tmp_path / "out"), resume=True, **settings))
     assert resumed["test"] == expected["test"] and resumed["val"] == expected["val"]
