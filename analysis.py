@@ -148,9 +148,9 @@ def most_confused(matrix, names):
 
 def assess(test, validation, audit, names, texts):
     """All of the above for a finished run. `test`, `validation` (or None: no temperature; nor without a mistake on
-    it), `audit` (or None: no label audit) are (logits, labels) in their split's order; `texts` {split: texts}. Returns {"test": the
-    additions to metrics' test section, "temperature", "mistakes", "suspects" (None without an audit),
-    "reliability": (before, after), "curve"}."""
+    it) and `audit` (or None: no label audit) are (logits, labels) in their split's order; `texts` {split: texts}.
+    Returns {"test": the additions to metrics' test section, "temperature", "mistakes", "suspects" (None without an
+    audit), "reliability": (before, after), "curve"}."""
     fitted = fit_temperature(*validation) if validation is not None else None
     temperature = fitted or 1.0
     logits, labels = test
