@@ -184,11 +184,11 @@ def plot_calibration(quality, path):
     rel_ax.legend(loc="upper left")
     coverage, accuracy = quality["curve"]
     cov_ax.plot(coverage, accuracy, color="#55a868")
-    for point in test["coverage"]:
-        cov_ax.plot(point["coverage"], point["accuracy"], marker="o", color="#55a868")
-        cov_ax.annotate(f"{point['coverage']:.0%}: {point['accuracy']:.1%} (≥ {point['threshold']:.2f})",
-                        (point["coverage"], point["accuracy"]), textcoords="offset points", xytext=(-4, -14),
-                        ha="right", fontsize=8)
+    points = test["coverage"]
+    cov_ax.plot([p["coverage"] for p in points], [p["accuracy"] for p in points], "o", color="#55a868")
+    table = [f"{p['coverage']:>8.0%}  {p['accuracy']:>8.1%}  {p['threshold']:>9.3f}" for p in points]
+    cov_ax.text(0.03, 0.04, "\n".join(["coverage  accuracy  threshold"] + table), family="monospace", fontsize=8,
+                transform=cov_ax.transAxes, va="bottom", bbox=dict(facecolor="white", alpha=0.8))
     cov_ax.set(xlabel="coverage: share of test texts kept, most sure first", ylabel="accuracy on them",
                xlim=(0, 1.02), ylim=(max(0.0, min(accuracy) - 0.05), 1.01), title="Accuracy at coverage")
     fig.tight_layout()
