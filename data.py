@@ -490,7 +490,7 @@ def make_loaders(data, tokenizer, cfg, device_type, processes=1):
         if split in data:
             lengths = list(data[split]["length"])
             longest_first = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-            # idx: each example's row in its split, carried through the batches (evaluate puts rows back in order)
+            # idx: each example's row in its split, carried through the batches (split_logits restores the order)
             by_length = data[split].add_column("idx", range(len(lengths))).select(longest_first)
             loaders[name] = DataLoader(by_length.remove_columns("length"), batch_size=cfg.eval_batch_size, **options)
     return loaders
