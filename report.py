@@ -177,11 +177,13 @@ def plot_calibration(quality, path):
                                  f"T = {test['temperature']:.2f}: ECE {test['ece_calibrated']:.3f}"),
                                  ("#c44e52", "#4c72b0")):
         filled = [r for r in rows if r["n"]]
-        rel_ax.plot([r["confidence"] for r in filled], [r["accuracy"] for r in filled], marker="o", color=color,
-                    label=name)
-    rel_ax.set(xlabel=f"top probability (mean per bin, {ECE_BINS} bins)", ylabel="accuracy", xlim=(0, 1.01),
-               ylim=(0, 1.01), title="Reliability on the test split")
-    rel_ax.legend(loc="upper left")
+        x, y = [r["confidence"] for r in filled], [r["accuracy"] for r in filled]
+        rel_ax.plot(x, y, color=color, alpha=0.4, linewidth=1)
+        rel_ax.scatter(x, y, s=[15 + 400 * r["n"] / test["coverage"][0]["n"] for r in filled], color=color, label=name)
+    rel_ax.set(xlabel=f"top probability (mean per bin, {ECE_BINS} bins)", ylabel="accuracy", xlim=(0, 1.02),
+               ylim=(-0.02, 1.02), title="Reliability on the test split (dot size: share of the texts)")
+    for handle in rel_ax.legend(loc="upper left").legend_handles[1:]:
+        handle.set_sizes([40])  # not the first bin's size
     coverage, accuracy = quality["curve"]
     cov_ax.plot(coverage, accuracy, color="#55a868")
     points = test["coverage"]
