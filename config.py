@@ -66,7 +66,10 @@ class Config:
     log_every: int = 0  # optimizer steps between step rows (train loss, lr) in log.jsonl; 0 = epoch rows only
     report_to: str = "none"  # also send the log to a tracker (through accelerate)
     length_histogram: bool = False  # save lengths.png: the training texts' token lengths, max-len marked
+    audit: bool = True  # after training, list the training examples whose label the model doubts (below 100,000)
 
+
+AUDIT_LIMIT = 100_000  # --audit reads the training split again only when it is smaller than this
 
 CHOICES = {
     "scheduler": ("cosine", "linear", "constant"),

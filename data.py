@@ -24,7 +24,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dat
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from config import UserError
+from config import AUDIT_LIMIT, UserError
 from runs import say
 
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "tweet", "comment")
@@ -490,7 +490,8 @@ class TrainingBatches(torch.utils.data.Sampler):
 def make_loaders(data, tokenizer, cfg, device_type, processes=1):
     """Batches padded per batch (to a multiple of 8 on GPUs, for tensor cores); training batches grouped by length
     (unless --no-group-by-length); evaluation in order of length, longest first (the metrics do not depend on the
-    order, and an out-of-memory error then shows at once)."""
+    order, and an out-of-memory error then shows at once). With --audit and fewer than AUDIT_LIMIT training
+    examples, also an `audit` loader: the training split, batched for evaluation."""
     on_gpu = device_type == "cuda"
     padding = dict(padding="max_length", max_length=cfg.max_len) if cfg.pad_to_max_len else {}
     # --compile: lengths in steps of (up to) 64, so that the compiled model meets a few shapes, not one per batch;
@@ -504,12 +505,17 @@ def make_loaders(data, tokenizer, cfg, device_type, processes=1):
     batches = TrainingBatches(data["train"]["length"], cfg.batch_size, cfg.seed, cfg.group_by_length, processes)
     loaders = {"train": DataLoader(data["train"].remove_columns("length"), batch_sampler=batches,
                                    generator=torch.Generator().manual_seed(cfg.seed), **options)}
-    for split in ("validation", "test"):
+    # audit: the training split once more, as an evaluation, for the labels the trained model doubts (analysis.py)
+    splits = {"validation": "validation", "test": "test"}
+    if cfg.audit and len(data["train"]) < AUDIT_LIMIT:
+        splits["audit"] = "train"
+    for name, split in splits.items():
         if split in data:
             lengths = list(data[split]["length"])
             longest_first = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-            by_length = data[split].select(longest_first).remove_columns("length")
-            loaders[split] = DataLoader(by_length, batch_size=cfg.eval_batch_size, **options)
+            # idx: each example's row in its split, carried through the batches (split_logits restores the order)
+            by_length = data[split].add_column("idx", range(len(lengths))).select(longest_first)
+            loaders[name] = DataLoader(by_length.remove_columns("length"), batch_size=cfg.eval_batch_size, **options)
     return loaders
 
 

@@ -7,13 +7,14 @@
 
 One JSON object per input, in the input's order: {"text", "label", "score", "probs": {NAME: p, ...}}; with
 --format csv one row per input: text, label, score and every class's probability. Lines are split on "\n" (or
-"\r\n") only, so output row i is input line i.
+"\r\n") only, so output row i is input line i. The probabilities are calibrated: softmax(logits / T), with the
+temperature T that train.py fitted on the validation split (`calibration_temperature` in config.json; 1 without).
+--min-confidence P: "label" is null (the model abstains) for a text whose top probability is below P.
 In Python: `from predict import predict; predict(["A wonderful film."], "runs/imdb-.../best")`.
 """
 import codecs
 import csv
 import functools
-import json
 import math
 import os
 import sys
@@ -26,6 +27,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from config import OneLineParser, UserError, resolve
 from data import FILE_FORMATS, TEXT_COLUMNS, find_column, read_file, truncate
+from runs import json_line
 
 transformers.utils.logging.disable_progress_bar()
 
@@ -83,15 +85,27 @@ def predict_logits(texts, tokenizer, forward, batch_size=64, max_len=None, progr
     return torch.stack(rows) if rows else torch.empty(0)
 
 
+def temperature(model):
+    """The calibration temperature train.py stored in the model's config.json (1: none, e.g. another checkpoint)."""
+    value = getattr(model.config, "calibration_temperature", 1.0)
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise UserError(f"calibration_temperature in the model's config.json must be a positive number, not {value!r}")
+    return float(value)
+
+
 def max_tokens(model, tokenizer, max_len=None):
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     return min(max_len or limit, limit)
 
 
-def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=False):
-    """[{"text", "label", "score", "probs"}] for each text, in order; `top_k` keeps the k likeliest in probs."""
+def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=False, min_confidence=None):
+    """[{"text", "label", "score", "probs"}] for each text, in order; `top_k` keeps the k likeliest in probs. The
+    probabilities are softmax(logits / T), T the model's calibration temperature. A text whose top probability is
+    below `min_confidence` gets "label": None (abstained); its score and probs are given all the same."""
     if max_len is not None and max_len < 1:
         raise UserError(f"max_len must be at least 1, not {max_len}")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise UserError(f"min_confidence must be a probability, in [0, 1], not {min_confidence}")
     model, tokenizer = load_classifier(str(model_dir))
     special = tokenizer.num_special_tokens_to_add()
     if max_len is not None and max_len <= special:  # the tokenizer would then not truncate at all
@@ -101,12 +115,13 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
         return []
     logits = predict_logits(texts, tokenizer, torch_forward(model), batch_size, max_tokens(model, tokenizer, max_len),
                             progress, getattr(model.config, "truncation", "head"))  # as the model was trained
-    probs = logits.softmax(-1)
+    probs = (logits.double() / temperature(model)).softmax(-1)  # float64: scores near 1 stay apart, as in train.py
     names = model.config.id2label
     results = []
     for text, row in zip(texts, probs.tolist()):
         ranked = sorted(range(len(row)), key=lambda c: -row[c])[:top_k]
-        results.append({"text": text, "label": names[ranked[0]], "score": row[ranked[0]],
+        sure = min_confidence is None or row[ranked[0]] >= min_confidence
+        results.append({"text": text, "label": names[ranked[0]] if sure else None, "score": row[ranked[0]],
                         "probs": {names[c]: row[c] for c in ranked}})
     return results
 
@@ -165,18 +180,11 @@ def read_texts(path, text_column=None, encoding="utf-8"):
     return [as_text(t) for t in table[find_column(table, text_column, TEXT_COLUMNS, "text")]]
 
 
-LINE_BREAKS_JSON_LEAVES = ("\x85", "\u2028", "\u2029")  # json.dumps escapes the others (below U+0020)
-
-
 def write_results(results, output, fmt, names):
     """jsonl: one object a line (line breaks that some readers split on, such as U+2028, escaped as \\uXXXX);
     csv: text, label, score, then each class's probability (an empty cell for a class cut from probs, never 0)."""
     if fmt == "jsonl":
-        for r in results:
-            line = json.dumps(r, ensure_ascii=False)
-            for char in LINE_BREAKS_JSON_LEAVES:
-                line = line.replace(char, f"\\u{ord(char):04x}")
-            output.write(line + "\n")
+        output.writelines(json_line(r) for r in results)
         return
     writer = csv.writer(output)
     writer.writerow(["text", "label", "score", *names])
@@ -199,10 +207,15 @@ def parse_args(argv):
                                                    "has every class's true probability)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-len", type=int, help="tokens kept per text (default: the model's limit)")
+    parser.add_argument("--min-confidence", type=float, metavar="P",
+                        help='abstain ("label": null) on texts whose top probability is below P, e.g. a threshold '
+                             "from metrics.json's coverage table")
     args = parser.parse_intermixed_args(argv)  # texts may come after options, too
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--max-len", args.max_len)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, not {value}")
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        parser.error(f"--min-confidence must be in [0, 1], not {args.min_confidence}")
     check_encoding(args.encoding)
     if args.output is not None:
         output = Path(args.output)
@@ -244,7 +257,7 @@ def main(argv=None):
             raise UserError("no texts: give them as arguments, with --file, or on standard input")
         top_k = args.top_k if args.format == "jsonl" else None  # a csv row carries every class's probability
         results = predict(texts, args.model_dir, args.batch_size, args.max_len, top_k,
-                          progress=len(texts) > 10 * args.batch_size)
+                          progress=len(texts) > 10 * args.batch_size, min_confidence=args.min_confidence)
         names = list(load_classifier(args.model_dir)[0].config.id2label.values())  # csv columns: the model's order
         write_output(results, args, names)
     except UserError as e:

@@ -1,5 +1,6 @@
-"""What people look at after (and before) a run: token-length statistics, curves.png, confusion.png and the model
-card best/README.md. Plain functions over the numbers train.py already has; matplotlib draws without a display."""
+"""What people look at after (and before) a run: token-length statistics, curves.png, confusion.png,
+calibration.png and the model card best/README.md. Plain functions over the numbers train.py and analysis.py
+already have; matplotlib draws without a display."""
 import json
 import os
 import random
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from analysis import ECE_BINS, SUSPECT_BELOW, SUSPECTS, most_confused
+from config import AUDIT_LIMIT
 from runs import say
 
 LENGTH_SAMPLE = 2000  # texts tokenized for the statistics: enough for the percentiles, quick even for IMDB
@@ -37,6 +40,30 @@ def describe_lengths(stats, truncation="head"):
         if truncation != "head+tail":
             line += "\nOr keep the start and the end of each text, at the same cost: --truncation head+tail"
     return line
+
+
+def describe_quality(metrics, n_train):
+    """The lines after the test: the mistakes, calibration, accuracy at 90% coverage, and the label audit."""
+    test, audit = metrics["test"], metrics["audit"]
+    wrong = test["n"] - sum(np.diag(test["confusion_matrix"]))
+    at_90 = next(c for c in test["coverage"] if c["coverage"] == 0.9)
+    calibrated = (f"{test['ece_calibrated']:.3f} with temperature {test['temperature']:.2f} (fitted on validation)"
+                  if test["calibrated_on"] else f"(no temperature scaling: {why_uncalibrated(metrics)})")
+    lines = [f"Mistakes: {wrong:,} of {test['n']:,} test texts → errors.jsonl · calibration error (ECE) "
+             f"{test['ece']:.3f} → {calibrated} · at 90% coverage {at_90['accuracy']:.1%} accurate, threshold "
+             f"{at_90['threshold']:.2f}"]
+    if audit:
+        lines.append(f"Label audit: {audit['suspects']:,} of {audit['n']:,} training labels look doubtful to the model "
+                     f"→ suspect_labels.jsonl (candidates to re-check, not proven errors) · "
+                     f"{metrics['timing']['audit_seconds']:.0f}s")
+    elif metrics["config"]["audit"]:
+        lines.append(f"Label audit skipped: {n_train:,} training examples (it runs below {AUDIT_LIMIT:,})")
+    return "\n".join(lines)
+
+
+def why_uncalibrated(metrics):
+    return ("no validation split, --val-fraction 0" if metrics["val"] is None else
+            "no mistake on the validation split, where every lower temperature fits better, without end")
 
 
 def optional_output(what, write, *args, **kwargs):
@@ -141,13 +168,104 @@ def plot_many_classes(plt, counts, shares, names, title, path, pairs=20):
     plt.close(fig)
 
 
+def plot_calibration(quality, path):
+    """Left: the reliability diagram of the test split (accuracy against mean top probability per bin) before and
+    after temperature scaling. Right: accuracy on the share of test texts the model is most sure of."""
+    plt = _pyplot()
+    test = quality["test"]
+    fig, (rel_ax, cov_ax) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    rel_ax.plot([0, 1], [0, 1], color="#999999", linestyle="--", label="perfectly calibrated")
+    for rows, name, color in zip(quality["reliability"], (f"as trained: ECE {test['ece']:.3f}",
+                                 f"T = {test['temperature']:.2f}: ECE {test['ece_calibrated']:.3f}"),
+                                 ("#c44e52", "#4c72b0")):
+        filled = [r for r in rows if r["n"]]
+        x, y = [r["confidence"] for r in filled], [r["accuracy"] for r in filled]
+        rel_ax.plot(x, y, color=color, alpha=0.4, linewidth=1)
+        rel_ax.scatter(x, y, s=[15 + 400 * r["n"] / test["coverage"][0]["n"] for r in filled], color=color, label=name)
+    rel_ax.set(xlabel=f"top probability (mean per bin, {ECE_BINS} bins)", ylabel="accuracy", xlim=(0, 1.02),
+               ylim=(-0.02, 1.02), title="Reliability on the test split (dot size: share of the texts)")
+    for handle in rel_ax.legend(loc="upper left").legend_handles[1:]:
+        handle.set_sizes([40])  # not the first bin's size
+    coverage, accuracy = quality["curve"]
+    cov_ax.plot(coverage, accuracy, color="#55a868")
+    points = test["coverage"]
+    cov_ax.plot([p["coverage"] for p in points], [p["accuracy"] for p in points], "o", color="#55a868")
+    table = [f"{p['coverage']:>8.0%}  {p['accuracy']:>8.1%}  {p['threshold']:>9.3f}" for p in points]
+    cov_ax.text(0.03, 0.04, "\n".join(["coverage  accuracy  threshold"] + table), family="monospace", fontsize=8,
+                transform=cov_ax.transAxes, va="bottom", bbox=dict(facecolor="white", alpha=0.8))
+    cov_ax.set(xlabel="coverage: share of test texts kept, most sure first", ylabel="accuracy on them",
+               xlim=(0, 1.02), ylim=(max(0.0, min(accuracy) - 0.05), 1.01), title="Accuracy at coverage")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_pictures_and_card(out, log, metrics, sizes, quality):
+    """The nice-to-have outputs, each on its own (optional_output): curves, confusion, calibration, model card."""
+    optional_output("curves.png", plot_curves, log, out / "curves.png")
+    optional_output("confusion.png", plot_confusion, metrics["test"], out / "confusion.png")
+    optional_output("calibration.png", plot_calibration, quality, out / "calibration.png")
+    optional_output("best/README.md (the model card)", write_model_card, metrics, sizes, out / "best",
+                    quality["mistakes"])
+
+
 def hub_id(source):
     """A Hub id ('distilbert-base-uncased', 'stanfordnlp/imdb') or None for a local path: a card's header names
     only what others can fetch; a local path stays in the card's text."""
     return None if Path(source).expanduser().exists() or Path(source).is_absolute() else source
 
 
-def model_card(metrics, sizes):
+def shorten(text, most=80):
+    """A text for one cell of a Markdown table: on one line, no column breaks, at most `most` characters."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= most else text[:most - 1].rstrip() + "…"
+
+
+def good_enough(metrics, mistakes, shown=10):
+    """The card's "Is it good enough?" section: accuracy at coverage, calibration, the most confident mistakes, what
+    each class is mistaken for, and the label audit."""
+    test, audit = metrics["test"], metrics.get("audit")
+    at_90 = next(c for c in test["coverage"] if c["coverage"] == 0.9)
+    lines = ["## Is it good enough?", "", "**Accuracy at coverage.** When the model may abstain on the texts it is "
+             "least sure of: the accuracy on the share of test texts with the highest top probability, and that "
+             "share's threshold (the lowest top probability kept: `predict.py --min-confidence THRESHOLD` abstains "
+             f"below it). At 90% coverage: {at_90['accuracy']:.1%} accurate, threshold {at_90['threshold']:.2f}.", "",
+             "| coverage | accuracy | threshold | texts |", "|---|---|---|---|"]
+    lines += [f"| {c['coverage']:.0%} | {c['accuracy']:.1%} | {c['threshold']:.4f} | {c['n']:,} |"
+              for c in test["coverage"]]
+    if test["calibrated_on"]:
+        calibration = (f"Temperature scaling fitted on the validation split (T = {test['temperature']:.3f}, stored in "
+                       "`config.json` as `calibration_temperature`) brings it to "
+                       f"{test['ece_calibrated']:.4f}; predictions do not change. `predict.py` divides the logits by "
+                       "T; a plain `pipeline` does not: the same labels, uncalibrated scores.")
+    else:
+        calibration = f"No temperature scaling (T = 1): {why_uncalibrated(metrics)}."
+    lines += ["", f"**Calibration.** Expected calibration error (ECE, {ECE_BINS} equal-width bins of the top "
+              f"probability) on the test split as trained: {test['ece']:.4f}. {calibration} The scores and "
+              "thresholds in this section are the calibrated ones.", ""]
+    wrong = test["n"] - sum(np.diag(test["confusion_matrix"]))
+    lines += [f"**Mistakes.** {wrong:,} of {test['n']:,} test texts are misclassified; all of them are in the run's "
+              "`errors.jsonl`, most confidently wrong first."]
+    if mistakes:
+        lines += ["", f"The {min(shown, len(mistakes))} most confident mistakes:", "",
+                  "| text | true | predicted | score |", "|---|---|---|---|"]
+        lines += [f"| {shorten(m['text'])} | {m['label']} | {m['predicted']} | {m['score']:.3f} |"
+                  for m in mistakes[:shown]]
+    confused = sorted(most_confused(test["confusion_matrix"], test["labels"]).items(), key=lambda c: -c[1][2])
+    if confused:
+        lines += ["", "What each class is most often mistaken for (the classes with the most mistakes first):", "",
+                  "| true class | mistaken most often for | times | its mistakes |", "|---|---|---|---|"]
+        lines += [f"| {name} | {other} | {count} | {total} |" for name, (other, count, total) in
+                  confused[:MANY_CLASSES]]
+    if audit:
+        lines += ["", f"**Suspect labels.** After training, the model read its {audit['n']:,} training examples "
+                  f"again: {audit['suspects']:,} have a given label it finds less likely than {SUSPECT_BELOW:.0%} "
+                  f"(at most {SUSPECTS}, the least likely first, in the run's `suspect_labels.jsonl`). These are "
+                  "candidates to re-check by hand, not proven errors: the model may be the one that is wrong."]
+    return lines
+
+
+def model_card(metrics, sizes, mistakes=()):
     """best/README.md in the Hugging Face model-card format: YAML header, then what a reader wants to know."""
     cfg, test = metrics["config"], metrics["test"]
     base_model, dataset = hub_id(cfg["model"]), hub_id(cfg["dataset"])
@@ -172,6 +290,8 @@ def model_card(metrics, sizes):
              "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for name, c in test["per_class"].items()]
+    if "coverage" in test:
+        lines += [""] + good_enough(metrics, mistakes)
     lines += ["", "## Training hyperparameters", "", "```json", json.dumps(hyper, indent=2), "```", "",
               "## How to use", "", "```python", "from transformers import pipeline",
               'classify = pipeline("text-classification", model="path/to/this/folder")',
@@ -179,7 +299,7 @@ def model_card(metrics, sizes):
     return "\n".join(lines)
 
 
-def write_model_card(metrics, sizes, folder):
+def write_model_card(metrics, sizes, folder, mistakes=()):
     card = folder / "README.md.tmp"
-    card.write_text(model_card(metrics, sizes))
+    card.write_text(model_card(metrics, sizes, mistakes))
     os.replace(card, card.with_suffix(""))  # atomic: the old card or the new one, never half of one

@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list
 from config import UserError
 
 OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint", "curves.png", "confusion.png", "lengths.png",
-           "tensorboard")  # what a run writes in output_dir
+           "tensorboard", "errors.jsonl", "suspect_labels.jsonl", "calibration.png")  # what a run writes in output_dir
 
 
 def say(*args, **kwargs):
@@ -187,6 +187,35 @@ def write_json(path, obj):
     os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
+LINE_BREAKS_JSON_LEAVES = ("\x85", "\u2028", "\u2029")  # json.dumps escapes the others (below U+0020)
+
+
+def json_line(obj):
+    """One line of JSON Lines, readable as written (ensure_ascii=False), with the line breaks that some readers split
+    on (U+2028 and the like) escaped as \\uXXXX: one object, one line, whatever reads it."""
+    line = json.dumps(obj, ensure_ascii=False)
+    for char in LINE_BREAKS_JSON_LEAVES:
+        line = line.replace(char, f"\\u{ord(char):04x}")
+    return line + "\n"
+
+
+def write_jsonl(path, rows):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json_line(r) for r in rows)
+    os.replace(tmp, path)  # atomic, as write_json
+
+
+def save_findings(out, quality):
+    """What analysis.assess found, beside the model: the temperature in best/config.json (`calibration_temperature`,
+    which predict.py divides the logits by), errors.jsonl and, after a label audit, suspect_labels.jsonl."""
+    config = out / "best" / "config.json"
+    write_json(config, {**json.loads(config.read_text()), "calibration_temperature": quality["temperature"]})
+    write_jsonl(out / "errors.jsonl", quality["mistakes"])
+    if quality["suspects"] is not None:
+        write_jsonl(out / "suspect_labels.jsonl", quality["suspects"])
+
+
 def swap_in(tmp, folder):
     """Replace `folder` by the complete `tmp` with renames: whenever a kill comes, one whole version survives
     (as `folder`, or as `folder.old` for the instant between the two renames: see recover)."""
@@ -256,7 +285,7 @@ def start_tracker(cfg, accelerator):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: everything --resume needs to continue exactly where a run stopped
 
-RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every"}
+RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every", "audit"}
 
 
 def new_state(cfg):

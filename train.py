@@ -28,17 +28,18 @@ import transformers
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
+import analysis
 import report
+from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
 from data import (check_tokenizer, class_weights, describe, fingerprint, load_data, make_loaders, offline_hint,
                   tokenize, use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir,
                   discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, log_step,
-                  model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_model,
-                  say, start_tracker, stop_on_signals, write_json)
+                  model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
+                  save_model, say, start_tracker, stop_on_signals, write_json)
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
 datasets.disable_progress_bars()
@@ -128,38 +129,29 @@ def make_optimizer(model, cfg, fused):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
-def classification_metrics(labels, preds, names):
-    ids = list(range(len(names)))
-    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(labels, preds)),
-        "f1_macro": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i])} for i, name in enumerate(names)},
-        "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
-        "labels": list(names),
-        "n": int(len(labels)),
-    }
-
-
 @torch.no_grad()
-def evaluate(model, loader, accelerator, names):
-    """Metrics over the whole split. Under several processes each sees a shard; gather_for_metrics collects
-    them and drops the examples duplicated to even out the last batch, so every example counts once."""
+def split_logits(model, loader, accelerator):
+    """(logits, labels) of the whole split, in the split's row order (the batches' `idx`; a loader without it:
+    the loader's order). Under several processes each sees a shard; gather_for_metrics collects them and drops the
+    examples duplicated to even out the last batch, so every example counts once."""
     was_training = model.training
     model.eval()
-    all_logits, all_labels = [], []
+    gathered = []
     for batch in loader:
+        idx = batch.pop("idx", None)
         with accelerator.autocast():
             logits = model(**batch).logits.float()
-        logits, labels = accelerator.gather_for_metrics((logits, batch["labels"]))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
+        outputs = (logits, batch["labels"]) + (() if idx is None else (idx,))
+        gathered.append([t.cpu() for t in accelerator.gather_for_metrics(outputs)])
     model.train(was_training)
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), names)
-    metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
-    return metrics
+    logits, labels, *idx = (torch.cat(ts) for ts in zip(*gathered))
+    order = idx[0].argsort() if idx else slice(None)
+    return logits[order], labels[order]
+
+
+def evaluate(model, loader, accelerator, names):
+    """Metrics over the whole split (analysis.scores)."""
+    return scores(*split_logits(model, loader, accelerator), names)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,21 +271,21 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
 # Setup, the run, the finish
 
 def setup(cfg, accelerator, state, out):
-    """Data, tokenizer, model, optimizer, schedule, loaders, all prepared for the devices."""
+    """Data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices."""
     with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
         data, names = load_data(cfg)
         check_same_inputs(state, "data", fingerprint(data, names), out)  # a resumed run: the same data
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         check_tokenizer(tokenizer, data["train"]["text"], cfg.model)  # no tokenizer files: all [UNK]s
         lengths = report.length_stats(data["train"]["text"], tokenizer, cfg.max_len, cfg.seed)
-        data = tokenize(data, tokenizer, cfg.max_len, cfg.truncation)
+        tokens = tokenize(data, tokenizer, cfg.max_len, cfg.truncation)
     say(describe(data, names, cfg))
     say(report.describe_lengths(lengths, cfg.truncation))
     precision = accelerator.mixed_precision.replace("no", "fp32")
     attention = choose_attention(cfg.attention, accelerator.device.type, precision)
     model = load_model(cfg, names, attention)
     optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
-    loaders = make_loaders(data, tokenizer, cfg, accelerator.device.type, accelerator.num_processes)
+    loaders = make_loaders(tokens, tokenizer, cfg, accelerator.device.type, accelerator.num_processes)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
     total_steps = math.ceil(len(loaders["train"]) / cfg.grad_accum) * cfg.epochs  # optimizer steps, per process
@@ -343,40 +335,48 @@ def train(cfg: Config):
             start_tracker(cfg, accelerator)
             weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
             state = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names, weights)
-            sizes = {split: len(examples) for split, examples in data.items()}
-            return finish(cfg, out, state, loaders, accelerator, names, precision, sizes, started)
+            return finish(cfg, out, state, loaders, accelerator, names, precision, data, started)
         except Exception as e:  # after the model loaded: put back an earlier run, say what is kept
             raise failed_run(e, cfg, out, accelerator.is_main_process) from None
 
 
-def finish(cfg, out, state, loaders, accelerator, names, precision, sizes, started):
-    """Evaluate the saved best model on the test split, once, and write metrics.json."""
+def finish(cfg, out, state, loaders, accelerator, names, precision, data, started):
+    """Evaluate the saved best model on the test split, once; calibrate it on the validation split and audit the
+    training labels with it (analysis.py); write metrics.json, the temperature into best/ and the rest."""
     accelerator.wait_for_everyone()  # what you evaluate is exactly what you ship: the files in best/
     best_model = AutoModelForSequenceClassification.from_pretrained(
         out / "best", use_safetensors=True,
-        attn_implementation="sdpa" if cfg.attention == "auto" else cfg.attention)
-    test_started = time.time()
-    test = evaluate(best_model.to(accelerator.device), loaders["test"], accelerator, names)
-    test_seconds, seconds = time.time() - test_started, state["train_seconds"]
+        attn_implementation="sdpa" if cfg.attention == "auto" else cfg.attention).to(accelerator.device)
+    logits_of = lambda split: split_logits(best_model, loaders[split], accelerator) if split in loaders else None
+    test_started, sizes = time.time(), {split: len(examples) for split, examples in data.items()}
+    test_logits = logits_of("test")
+    test, test_seconds, seconds = scores(*test_logits, names), time.time() - test_started, state["train_seconds"]
+    val_logits, audit_started = logits_of("validation"), time.time()
+    audit_logits, audit_seconds = logits_of("audit"), time.time() - audit_started  # the label audit's cost
+    quality = analysis.assess(test_logits, val_logits, audit_logits, names,
+                              {split: data[split]["text"] for split in ("test", "train")})
+    test.update(quality["test"])
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
                "config": dataclasses.asdict(cfg), "output_dir": str(out), "precision": precision,
                "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:
                "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
+               "audit": None if audit_logits is None else {"n": sizes["train"], "suspects": len(quality["suspects"])},
                "timing": {"total_seconds": round(time.time() - started, 2), "train_seconds": round(seconds, 2),
                           "train_examples_per_second": round(sizes["train"] * (state["epoch"] - 1)  # epochs trained
                                                              / max(seconds, 1e-9), 2),
                           "test_seconds": round(test_seconds, 2),
-                          "test_examples_per_second": round(test["n"] / test_seconds, 2)}}
+                          "test_examples_per_second": round(test["n"] / test_seconds, 2),
+                          "audit_seconds": None if audit_logits is None else round(audit_seconds, 2)}}
     if accelerator.is_main_process:
+        save_findings(out, quality)  # the temperature into best/config.json, errors.jsonl, suspect_labels.jsonl
         write_json(out / "metrics.json", metrics)  # with best/, the essential output; the rest is nice to have
         discard_earlier_run(out)  # the outputs of the run this one replaces (--overwrite): this one has a result
-        report.optional_output("curves.png", report.plot_curves, state["log"], out / "curves.png")
-        report.optional_output("confusion.png", report.plot_confusion, test, out / "confusion.png")
-        report.optional_output("best/README.md (the model card)", report.write_model_card, metrics, sizes, out / "best")
+        report.write_pictures_and_card(out, state["log"], metrics, sizes, quality)
     report.optional_output(f"the {cfg.report_to} log", accelerator.log,
                            {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
     report.optional_output(f"the {cfg.report_to} log", accelerator.end_training)
+    say(report.describe_quality(metrics, sizes["train"]))
     say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
         f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
         f"pipeline('text-classification', model='{out / 'best'}')")

@@ -9,10 +9,11 @@ from accelerate import Accelerator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import ROOT
-from toy import toy_examples, write_csv
+from toy import toy_examples, unsure_pairs, write_csv
 from config import resolve
 from data import load_data, make_loaders, tokenize
-from train import evaluate
+from analysis import scores
+from train import split_logits
 
 
 def torchrun(*args):
@@ -27,7 +28,8 @@ def torchrun(*args):
 def two_process_run(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     train_csv = write_csv(folder / "train.csv", toy_examples(300, seed=1))
-    test_csv = write_csv(folder / "test.csv", toy_examples(41, seed=2))  # odd: the processes' shards differ
+    # 41, odd: the processes' shards differ; two pairs of texts with both labels: two mistakes at least
+    test_csv = write_csv(folder / "test.csv", toy_examples(37, seed=2) + unsure_pairs(2))
     settings = dict(model=tiny_model, dataset=str(train_csv), test_file=str(test_csv), max_len=32, epochs=2,
                     lr=3e-3, precision="fp32", eval_batch_size=4, output_dir=str(folder / "out"))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
@@ -41,7 +43,8 @@ def test_each_test_example_counts_once_and_one_process_writes(two_process_run):
     assert metrics["num_processes"] == 2 and metrics["global_batch_size"] == 32
     assert metrics["test"]["n"] == 41 == sum(map(sum, metrics["test"]["confusion_matrix"]))
     written = sorted(name for name in os.listdir(out) if name != ".lock")  # .lock stays: only its lock goes
-    assert written == ["best", "checkpoint", "confusion.png", "curves.png", "log.jsonl", "metrics.json"]
+    assert written == ["best", "calibration.png", "checkpoint", "confusion.png", "curves.png", "errors.jsonl",
+                       "log.jsonl", "metrics.json", "suspect_labels.jsonl"]
     assert len(open(f"{out}/log.jsonl").read().splitlines()) == 2
     assert stdout.count("Model: ") == 1 and stdout.count("Test accuracy") == 1  # the main process talks
     assert "batch 16 × 2 × grad_accum 1 = 32" in stdout
@@ -54,10 +57,16 @@ def test_two_process_metrics_equal_a_single_process_evaluation(two_process_run):
     tokenizer = AutoTokenizer.from_pretrained(best)
     data = tokenize(load_data(cfg)[0], tokenizer, cfg.max_len)
     model = AutoModelForSequenceClassification.from_pretrained(best)
-    single = evaluate(model, make_loaders(data, tokenizer, cfg, "cpu")["test"], Accelerator(cpu=True), ["neg", "pos"])
+    logits, labels = split_logits(model, make_loaders(data, tokenizer, cfg, "cpu")["test"], Accelerator(cpu=True))
+    single = scores(logits, labels, ["neg", "pos"])
     recorded = json.loads(open(os.path.join(settings["output_dir"], "metrics.json")).read())["test"]
     assert single["confusion_matrix"] == recorded["confusion_matrix"]
     assert single["accuracy"] == pytest.approx(recorded["accuracy"]) and single["n"] == 41
+    # the shards interleave, yet each mistake is written with its own text and label (the batches carry `idx`)
+    texts = load_data(cfg)[0]["test"]["text"]
+    wrong = sorted((texts[i], ["neg", "pos"][labels[i]]) for i in range(41) if logits[i].argmax() != labels[i])
+    errors = [json.loads(line) for line in open(os.path.join(settings["output_dir"], "errors.jsonl"))]
+    assert sorted((e["text"], e["label"]) for e in errors) == wrong and len(wrong) >= 2
 
 
 def test_each_example_is_trained_on_exactly_once_per_epoch():

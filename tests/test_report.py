@@ -103,7 +103,8 @@ def test_a_failing_picture_costs_nothing_else(tiny_model, toy_csv, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Test accuracy" in run.stdout and f"Model saved to {out / 'best'}" in run.stdout
     failed = [line for line in run.stderr.splitlines() if line.startswith("Could not write")]
-    assert [line.split(":")[0] for line in failed] == ["Could not write curves.png", "Could not write confusion.png"]
+    assert [line.split(":")[0] for line in failed] == ["Could not write curves.png", "Could not write confusion.png",
+                                                       "Could not write calibration.png"]
     assert (out / "metrics.json").is_file() and (out / "best" / "model.safetensors").is_file()
     assert (out / "best" / "README.md").is_file() and not (out / "curves.png").exists()
 

@@ -145,7 +145,7 @@ def signal_during(monkeypatch, name):
 @pytest.mark.parametrize("phase, settings, kept", [
     ("load_data", {}, "Interrupted before the first checkpoint"),
     ("evaluate", {}, "Interrupted before the first checkpoint"),  # the first validation
-    ("evaluate", {"val_fraction": 0}, r"Interrupted: checkpoint saved at step 20\. Resume"),  # the test split
+    ("split_logits", {"val_fraction": 0}, r"Interrupted: checkpoint saved at step 20\. Resume"),  # the test split
 ])
 def test_sigterm_outside_the_steps_stops_the_run(quick, tmp_path, monkeypatch, capsys, phase, settings, kept):
     signal_during(monkeypatch, phase)

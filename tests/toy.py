@@ -27,6 +27,14 @@ def toy_examples(n, seed=0, names=("neg", "pos")):
     return rows
 
 
+def unsure_pairs(n, seed=3, names=("neg", "pos")):
+    """n texts of 20 filler words (no sentiment), each twice: once with each label. Whatever a model predicts, one of
+    each pair is a mistake."""
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choices(FILLER, k=20)) for _ in range(n)]
+    return [(text, name) for text in texts for name in names]
+
+
 def write_csv(path, rows, header=("text", "label")):
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -1,0 +1,168 @@
+"""Is the model good enough? Plain functions over logits, labels and texts (torch and numpy only): the test metrics,
+the mistakes, calibration (expected calibration error, temperature scaling), accuracy at a chosen coverage, and the
+training examples whose labels the model doubts. train.py gathers the logits; report.py draws and writes the card.
+
+The probabilities people see (errors.jsonl, suspect_labels.jsonl, the coverage thresholds, predict.py) are the
+calibrated ones, softmax(logits / T): a threshold from metrics.json then means the same as a score from predict.py.
+"""
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+ECE_BINS = 15  # equal-width bins over the top probability (Guo et al., 2017)
+COVERAGES = (1.0, 0.95, 0.9, 0.8, 0.5)  # shares of the test texts the model is most sure of
+TEMPERATURE_RANGE = (0.01, 100.0)  # where T is looked for
+SUSPECTS = 100  # at most this many suspect labels: the lowest p(given label) first ...
+SUSPECT_BELOW = 0.5  # ... and only those whose given label the model finds less likely than not
+
+
+def classification_metrics(labels, preds, names):
+    ids = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "f1_macro": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(names)},
+        "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
+        "labels": list(names),
+        "n": int(len(labels)),
+    }
+
+
+def scores(logits, labels, names):
+    """classification_metrics plus the mean cross-entropy loss, from a split's logits and labels (tensors)."""
+    metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), names)
+    metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
+    return metrics
+
+
+def nll(logits, labels, temperature=1.0):
+    """Mean negative log-likelihood of the labels under softmax(logits / temperature)."""
+    return float(torch.nn.functional.cross_entropy(logits.double() / temperature, labels))
+
+
+def fit_temperature(logits, labels, iterations=100):
+    """The one T > 0 that minimizes the NLL of softmax(logits / T) on these (validation) examples, or None when
+    there is none: with no mistake among them, the NLL keeps falling as T -> 0 (every example ever surer), so the
+    data do not determine T. The NLL is convex in 1/T, so it has a single minimum along log T: a golden-section
+    search over log T in TEMPERATURE_RANGE finds it (or the end of the range nearest to it).
+    argmax(logits / T) = argmax(logits): no prediction changes."""
+    if not (logits.argmax(-1) != labels).any():
+        return None
+    logits = logits.double()
+    a, b = (math.log(t) for t in TEMPERATURE_RANGE)
+    ratio = (math.sqrt(5) - 1) / 2
+    loss = lambda log_t: nll(logits, labels, math.exp(log_t))  # noqa: E731
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    loss_c, loss_d = loss(c), loss(d)
+    for _ in range(iterations):  # the bracket shrinks by 0.618 each time: 100 steps leave ~1e-20 of its width
+        if loss_c < loss_d:
+            b, d, loss_d = d, c, loss_c
+            c = b - ratio * (b - a)
+            loss_c = loss(c)
+        else:
+            a, c, loss_c = c, d, loss_d
+            d = a + ratio * (b - a)
+            loss_d = loss(d)
+    best = math.exp((a + b) / 2)
+    return best if nll(logits, labels, best) < nll(logits, labels, 1.0) else 1.0  # never worse than none
+
+
+def reliability(probs, labels, bins=ECE_BINS):
+    """Per equal-width bin of the top probability ((0, 1/bins], ..., ((bins-1)/bins, 1]): the number of examples,
+    their mean top probability and their accuracy (None for an empty bin)."""
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels).double()
+    rows = []
+    for b in range(bins):
+        inside = (confidence > b / bins) & (confidence <= (b + 1) / bins)
+        n = int(inside.sum())
+        rows.append({"low": b / bins, "high": (b + 1) / bins, "n": n,
+                     "confidence": float(confidence[inside].double().mean()) if n else None,
+                     "accuracy": float(correct[inside].mean()) if n else None})
+    return rows
+
+
+def ece(probs, labels, bins=ECE_BINS):
+    """Expected calibration error: sum over the bins of (share of examples) x |accuracy - mean top probability|."""
+    rows = reliability(probs, labels, bins)
+    return sum(r["n"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["n"]) / max(len(labels), 1)
+
+
+def accuracy_at_coverage(probs, labels, coverages=COVERAGES):
+    """For each share X: the accuracy on the ceil(X * n) examples with the highest top probability, and the
+    threshold, the lowest top probability among them (abstaining below it keeps that share, ties aside)."""
+    confidence, predicted = probs.max(-1)
+    order = torch.sort(confidence, descending=True, stable=True).indices
+    correct = (predicted == labels)[order].double()
+    table = []
+    for share in coverages:
+        k = max(1, math.ceil(share * len(labels) - 1e-9))
+        table.append({"coverage": share, "accuracy": float(correct[:k].mean()),
+                      "threshold": float(confidence[order[k - 1]]), "n": k})
+    return table
+
+
+def coverage_curve(probs, labels):
+    """(coverage, accuracy) at every k, most sure first: for the picture."""
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels)[torch.sort(confidence, descending=True, stable=True).indices].double()
+    k = torch.arange(1, len(correct) + 1, dtype=torch.double)
+    return (k / len(correct)).tolist(), (correct.cumsum(0) / k).tolist()
+
+
+def row(text, label, probs, names):
+    """One jsonl row: the text, its label (true or given), the predicted label with its probability, all of them."""
+    predicted = int(np.argmax(probs))
+    return {"text": text, "label": names[label], "predicted": names[predicted], "score": float(probs[predicted]),
+            "p_label": float(probs[label]), "probs": {name: float(p) for name, p in zip(names, probs)}}
+
+
+def mistakes(probs, labels, texts, names):
+    """Every misclassified example, most confidently wrong first (then in the split's order)."""
+    confidence, predicted = probs.max(-1)
+    wrong = [i for i in torch.sort(confidence, descending=True, stable=True).indices.tolist()
+             if predicted[i] != labels[i]]
+    return [row(texts[i], int(labels[i]), probs[i].tolist(), names) for i in wrong]
+
+
+def suspects(probs, labels, texts, names, most=SUSPECTS, below=SUSPECT_BELOW):
+    """Training examples whose given label the model finds least likely: at most `most`, each with p(given label)
+    under `below`, lowest first. Candidates to re-check by hand, not proven errors."""
+    given = probs.gather(1, labels[:, None])[:, 0]
+    order = torch.sort(given, stable=True).indices.tolist()
+    return [row(texts[i], int(labels[i]), probs[i].tolist(), names) for i in order[:most] if given[i] < below]
+
+
+def most_confused(matrix, names):
+    """{class: (the class it is most often mistaken for, how often, its mistakes in all)} for each class that has
+    mistakes, from a confusion matrix (rows: true, columns: predicted)."""
+    errors = np.array(matrix)
+    np.fill_diagonal(errors, 0)
+    return {names[i]: (names[int(errors[i].argmax())], int(errors[i].max()), int(errors[i].sum()))
+            for i in range(len(names)) if errors[i].sum()}
+
+
+def assess(test, validation, audit, names, texts):
+    """All of the above for a finished run. `test`, `validation` (or None: no temperature; nor without a mistake on
+    it) and `audit` (or None: no label audit) are (logits, labels) in their split's order; `texts` {split: texts}.
+    Returns {"test": the additions to metrics' test section, "temperature", "mistakes", "suspects" (None without an
+    audit), "reliability": (before, after), "curve"}."""
+    fitted = fit_temperature(*validation) if validation is not None else None
+    temperature = fitted or 1.0
+    logits, labels = test
+    raw, calibrated = logits.double().softmax(-1), (logits.double() / temperature).softmax(-1)
+    additions = {"ece": ece(raw, labels), "ece_calibrated": ece(calibrated, labels), "temperature": temperature,
+                 "calibrated_on": "validation" if fitted else None,
+                 "coverage": accuracy_at_coverage(calibrated, labels)}
+    found = None
+    if audit is not None:
+        audit_probs = (audit[0].double() / temperature).softmax(-1)
+        found = suspects(audit_probs, audit[1], texts["train"], names)
+    return {"test": additions, "temperature": temperature, "suspects": found,
+            "mistakes": mistakes(calibrated, labels, texts["test"], names),
+            "reliability": (reliability(raw, labels), reliability(calibrated, labels)),
+            "curve": coverage_curve(calibrated, labels)}
