@@ -59,7 +59,7 @@ class Config:
     seed: int = 42  # the head's initialization, dropout, the splits and the batch order
     trust_remote_code: bool = False  # allow a Hub model or dataset to run its own code
     # output
-    output_dir: str | None = None  # where the run writes (none = a new runs/<preset>-<time> folder)
+    output_dir: str | None = None  # where the run writes (none = a new runs/<preset or data name>-<time> folder)
     overwrite: bool = False  # replace a run already in output-dir
     resume: bool = False  # continue the run in output-dir from its checkpoint
     checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch's end); 0 = epochs only

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +19,7 @@ from pathlib import Path
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
-from config import UserError
+from config import UserError, resolve
 
 OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint", "curves.png", "confusion.png", "lengths.png",
            "tensorboard", "errors.jsonl", "suspect_labels.jsonl", "calibration.png")  # what a run writes in output_dir
@@ -34,12 +35,12 @@ def say(*args, **kwargs):
 # Output folder: nothing is left half-written, and an earlier run is never overwritten by accident
 
 def choose_output_dir(cfg):
-    """A new runs/<preset>-<time> folder unless given (created at once, so two runs started in the same second
+    """A new runs/<name>-<time> folder unless given (created at once, so two runs started in the same second
     get two folders); a given folder must be a folder we can write to."""
     if cfg.output_dir is None:
         out = None
         if PartialState().is_main_process:
-            base = Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+            base = Path("runs") / f"{run_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
             for n in range(1, 1000):
                 out = base if n == 1 else base.with_name(f"{base.name}-{n}")
                 try:
@@ -59,6 +60,13 @@ def choose_output_dir(cfg):
     except OSError as e:
         raise UserError(f"cannot write to --output-dir {out}: {e.strerror or e}") from None
     return out
+
+
+def run_name(cfg):
+    """The preset's name for the preset's own data; else the data's (a run on reviews.csv is no imdb run)."""
+    if cfg.dataset == resolve(cfg.preset).dataset:
+        return cfg.preset
+    return re.sub(r"[^\w.-]+", "_", Path(cfg.dataset.rstrip("/")).stem) or cfg.preset
 
 
 @contextmanager

@@ -162,3 +162,10 @@ def test_a_full_disk_is_one_line(quick, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "save_checkpoint", full)
     with pytest.raises(UserError, match="no space left on the device while writing to .*; no checkpoint was written"):
         train(resolve(**quick, output_dir=str(tmp_path / "out")))
+
+
+def test_default_folder_is_named_after_the_preset_or_the_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert runs.choose_output_dir(resolve()).name.startswith("imdb-")  # the preset's own data
+    assert runs.choose_output_dir(resolve(dataset="my reviews.csv")).name.startswith("my_reviews-")
+    assert runs.choose_output_dir(resolve("ag_news", dataset="news/")).name.startswith("news-")
