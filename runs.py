@@ -168,20 +168,24 @@ def failed_run(e, cfg, out, main_process):
             path.rename(out / path.name)
         (out / ".replaced").rmdir()
         kept = f"the earlier run in {out} is restored as it was"
-    elif (out / "checkpoint" / "state.json").is_file():
-        step = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
-        kept = f"the checkpoint at step {step} is kept (--resume continues from it)"
+    elif checkpoint_step(out) is not None:
+        kept = f"the checkpoint at step {checkpoint_step(out)} is kept (--resume continues from it)"
     else:
         kept = "no checkpoint was written yet"
     return e if reason is None else UserError(f"{reason}; {kept}")
 
 
+def checkpoint_step(out):
+    """The step of the checkpoint in `out`, or None when there is none."""
+    state_file = recover(out / "checkpoint") / "state.json"
+    return json.loads(state_file.read_text())["step"] if state_file.is_file() else None
+
+
 def what_is_kept(out):
     """The line that ends an interrupted run: what it leaves, and how to go on."""
-    state_file = recover(out / "checkpoint") / "state.json"
-    if state_file.is_file():
-        line = (f"Interrupted: checkpoint saved at step {json.loads(state_file.read_text())['step']}. Resume with the "
-                f"same flags plus: --output-dir {out} --resume")
+    if checkpoint_step(out) is not None:
+        line = (f"Interrupted: checkpoint saved at step {checkpoint_step(out)}. Resume with the same flags plus: "
+                f"--output-dir {out} --resume")
     else:
         line = "Interrupted before the first checkpoint: nothing to resume (running again starts over)"
     if (out / ".replaced").exists():
