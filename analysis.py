@@ -4,12 +4,17 @@ training examples whose labels the model doubts. train.py gathers the logits; re
 
 The probabilities people see (errors.jsonl, suspect_labels.jsonl, the coverage thresholds, predict.py) are the
 calibrated ones, softmax(logits / T): a threshold from metrics.json then means the same as a score from predict.py.
+
+Multi-label (labels: a 0/1 row per example): micro/macro/samples-F1 and exact match at a threshold on sigmoid
+probabilities, the threshold tuned on validation, and the examples whose predicted label set is wrong.
 """
 import math
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+THRESHOLDS = np.round(np.arange(0.02, 0.99, 0.01), 2)  # where the multi-label threshold is tuned
 
 ECE_BINS = 15  # equal-width bins over the top probability (Guo et al., 2017)
 COVERAGES = (1.0, 0.95, 0.9, 0.8, 0.5)  # shares of the test texts the model is most sure of
@@ -32,11 +37,48 @@ def classification_metrics(labels, preds, names):
     }
 
 
-def scores(logits, labels, names):
-    """classification_metrics plus the mean cross-entropy loss, from a split's logits and labels (tensors)."""
+def label_set_metrics(labels, predicted, names):
+    """Multi-label metrics from 0/1 arrays (n x K): micro-F1 (every decision counts alike), macro-F1 (every label
+    alike), samples-F1 (per text, averaged; a text with no label and none predicted is right), the exact-match
+    ratio (the whole set right; also `accuracy`) and per-label precision, recall, F1 and support. A ratio with
+    nothing to count (no such label predicted, say) is 0, as scikit-learn's zero_division=0; written out here since
+    scikit-learn takes a single label's column for a binary task."""
+    truth, predicted = labels.astype(bool), predicted.astype(bool)
+    tp, fp, fn = (truth & predicted).sum(0), (~truth & predicted).sum(0), (truth & ~predicted).sum(0)
+    ratio = lambda a, b: np.divide(a, b, out=np.zeros(np.shape(a)), where=np.asarray(b) > 0)  # noqa: E731
+    precision, recall, f1 = ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(2 * tp, 2 * tp + fp + fn)
+    per_text, sizes = (truth & predicted).sum(1), truth.sum(1) + predicted.sum(1)
+    exact = float((truth == predicted).all(1).mean())
+    return {"accuracy": exact, "exact_match": exact,
+            "f1_micro": float(ratio(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum())), "f1_macro": float(f1.mean()),
+            "f1_samples": float(np.where(sizes > 0, ratio(2 * per_text, sizes), 1.0).mean()),  # none, none: right
+            "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                                 "support": int(truth[:, i].sum())} for i, name in enumerate(names)},
+            "labels": list(names), "n": int(len(labels))}
+
+
+def scores(logits, labels, names, threshold=0.5):
+    """classification_metrics plus the mean cross-entropy loss, from a split's logits and labels (tensors); for
+    multi-label labels (a 0/1 row each), label_set_metrics at `threshold` plus the mean binary cross-entropy."""
+    if labels.ndim == 2:
+        metrics = label_set_metrics(labels.int().numpy(), (logits.sigmoid() >= threshold).int().numpy(), names)
+        metrics.update(threshold=threshold, loss=float(torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.float())))
+        return metrics
     metrics = classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), names)
     metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
     return metrics
+
+
+def tune_threshold(logits, labels):
+    """The threshold (of THRESHOLDS) with the best micro-F1 on these (validation) examples; of equals, the one
+    nearest 0.5."""
+    probs, truth = logits.double().sigmoid()[None], labels.bool()[None]
+    predicted = probs >= torch.tensor(THRESHOLDS, dtype=torch.double)[:, None, None]
+    tp = (predicted & truth).sum((1, 2)).double()
+    f1 = 2 * tp / (predicted.sum((1, 2)) + truth.sum()).clamp(min=1)
+    best = max(range(len(THRESHOLDS)), key=lambda i: (round(float(f1[i]), 12), -abs(THRESHOLDS[i] - 0.5)))
+    return float(THRESHOLDS[best])
 
 
 def nll(logits, labels, temperature=1.0):
@@ -146,11 +188,40 @@ def most_confused(matrix, names):
             for i in range(len(names)) if errors[i].sum()}
 
 
-def assess(test, validation, audit, names, texts):
+def wrong_label_sets(probs, labels, texts, names, threshold):
+    """Multi-label errors.jsonl: every test text whose predicted label set is not its true one, the surest wrong
+    decision (the probability farthest on the wrong side of the threshold) first."""
+    predicted = probs >= threshold
+    wrong = (predicted != labels.bool()).any(1)
+    sureness = torch.where(predicted != labels.bool(), (probs - threshold).abs(), torch.zeros_like(probs)).amax(1)
+    order = [i for i in torch.sort(sureness, descending=True, stable=True).indices.tolist() if wrong[i]]
+    label_set = lambda row: [name for name, on in zip(names, row) if on]  # noqa: E731
+    return [{"text": texts[i], "labels": label_set(labels[i].tolist()), "predicted": label_set(predicted[i].tolist()),
+             "probs": {name: float(p) for name, p in zip(names, probs[i].tolist())}} for i in order]
+
+
+def assess_label_sets(test, validation, names, texts, threshold):
+    """assess() for multi-label: the threshold tuned on validation (stored in best/config.json, used by predict.py
+    and for the test metrics; --threshold without validation), the test metrics at --threshold too, and errors.
+    No calibration nor label audit: those are for single-label models."""
+    tuned = tune_threshold(*validation) if validation is not None else None
+    used = threshold if tuned is None else tuned
+    logits, labels = test
+    flag = scores(logits, labels, names, threshold)
+    additions = {"threshold": used, "threshold_tuned_on": None if tuned is None else "validation",
+                 "at_threshold_flag": {k: flag[k] for k in ("threshold", "f1_micro", "f1_macro", "exact_match")}}
+    return {"test": additions, "threshold": used, "saved": {"threshold": used}, "suspects": None,
+            "mistakes": wrong_label_sets(logits.double().sigmoid(), labels, texts["test"], names, used)}
+
+
+def assess(test, validation, audit, names, texts, threshold=0.5):
     """All of the above for a finished run. `test`, `validation` (or None: no temperature; nor without a mistake on
     it) and `audit` (or None: no label audit) are (logits, labels) in their split's order; `texts` {split: texts}.
     Returns {"test": the additions to metrics' test section, "temperature", "mistakes", "suspects" (None without an
-    audit), "reliability": (before, after), "curve"}."""
+    audit), "reliability": (before, after), "curve", "saved": what goes into best/config.json}. Multi-label labels
+    (0/1 rows): assess_label_sets, with `threshold` where there is no validation split to tune it on."""
+    if test[1].ndim == 2:
+        return assess_label_sets(test, validation, names, texts, threshold)
     fitted = fit_temperature(*validation) if validation is not None else None
     temperature = fitted or 1.0
     logits, labels = test
@@ -162,7 +233,8 @@ def assess(test, validation, audit, names, texts):
     if audit is not None:
         audit_probs = (audit[0].double() / temperature).softmax(-1)
         found = suspects(audit_probs, audit[1], texts["train"], names)
-    return {"test": additions, "temperature": temperature, "suspects": found,
+    return {"test": additions, "temperature": temperature, "suspects": found, "threshold": None,
+            "saved": {"calibration_temperature": temperature},  # into best/config.json: predict.py reads it
             "mistakes": mistakes(calibrated, labels, texts["test"], names),
             "reliability": (reliability(raw, labels), reliability(calibrated, labels)),
             "curve": coverage_curve(calibrated, labels)}

@@ -4,6 +4,7 @@ Every field is a flag: `--max-len 128` (or `--max_len 128`), booleans as `--comp
 Precedence: defaults < preset < flags. Nothing heavy is imported here, so a bad flag fails in a blink.
 """
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import re
@@ -30,6 +31,8 @@ class Config:
     test_file: str | None = None  # a separate test file for a local --dataset (else test-fraction is held out)
     text_column: str | None = None  # the text column (none = found by name: text, sentence, review, ...)
     label_column: str | None = None  # the label column (none = found by name: label, sentiment, category, ...)
+    problem: str = "auto"  # single_label or multi_label (a set of labels per text); auto: multi for lists or label-sep
+    label_sep: str | None = None  # multi-label in a csv/tsv: what separates a cell's labels (e.g. ";"); never guessed
     encoding: str = "utf-8"  # of local text files
     decode_errors: str = "strict"  # undecodable bytes: strict = refuse, naming the place; replace = U+FFFD
     train_samples: int | None = None  # a seeded, stratified sample of the training split (none = all)
@@ -53,7 +56,8 @@ class Config:
     max_grad_norm: float = 1.0  # gradient clipping; 0 = none
     precision: str = "auto"  # auto = bf16 on Ampere+ GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32
     attention: str = "auto"  # attention kernels (auto: the faster one measured for the device and precision)
-    metric_for_best: str = "accuracy"  # the validation metric that picks the best epoch
+    metric_for_best: str = "auto"  # the validation metric that picks the best epoch (auto: accuracy; multi: f1_micro)
+    threshold: float = 0.5  # multi-label: a label is predicted at this probability; a tuned one is stored too (README)
     class_weights: str = "none"  # balanced = each class's loss weighted by inverse frequency, for skewed classes
     patience: int = 0  # stop after N validations without improvement of metric-for-best; 0 = train every epoch
     seed: int = 42  # the head's initialization, dropout, the splits and the batch order
@@ -75,7 +79,8 @@ CHOICES = {
     "scheduler": ("cosine", "linear", "constant"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "attention": ("auto", "sdpa", "eager"),
-    "metric_for_best": ("accuracy", "f1_macro"),
+    "metric_for_best": ("auto", "accuracy", "f1_macro", "f1_micro"),
+    "problem": ("auto", "single_label", "multi_label"),
     "truncation": ("head", "tail", "head+tail"),
     "class_weights": ("none", "balanced"),
     "decode_errors": ("strict", "replace"),
@@ -132,6 +137,10 @@ def validate(cfg):
     need(not cfg.resume or cfg.output_dir, "--resume needs --output-dir: the folder of the run to continue")
     need(0 <= cfg.seed < 2**32, f"--seed must be in 0..{2**32 - 1} (what the random number generators take), "
          f"not {cfg.seed}")
+    need(0 < cfg.threshold < 1, f"--threshold must be a probability in (0, 1), not {cfg.threshold}")
+    need(cfg.label_sep != "", "--label-sep must not be empty (none = one label per cell)")
+    need(cfg.label_sep is None or cfg.problem != "single_label",
+         "--label-sep splits a cell into several labels: that is --problem multi_label (or auto), not single_label")
     need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
     need(cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), not {cfg.max_grad_norm}")
@@ -261,3 +270,11 @@ def _is_number(text):
         return True
     except ValueError:
         return False
+
+
+def settle(cfg, multi_label):
+    """The choices left to the data, once it is read: the problem, and metric-for-best's auto (micro-F1 for sets)."""
+    best = cfg.metric_for_best if cfg.metric_for_best != "auto" else "f1_micro" if multi_label else "accuracy"
+    if best == "f1_micro" and not multi_label:
+        raise UserError("--metric-for-best f1_micro is for multi-label data; with one class per text it is accuracy")
+    return dataclasses.replace(cfg, problem="multi_label" if multi_label else "single_label", metric_for_best=best)

@@ -28,7 +28,7 @@ from config import AUDIT_LIMIT, UserError
 from runs import say
 
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "tweet", "comment")
-LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "topic", "intent")
+LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "topic", "intent", "tags")
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -244,13 +244,12 @@ def text_column_values(ds, column):
 
 
 def label_column_values(ds, column):
-    """The label column as class names (strings): names stay names, integers become their digits ("1"), a
-    ClassLabel its names. Refused: lists (several labels per text), dicts, decimal numbers."""
+    """What the label column holds: class names (strings), integers (read as their digits, "1"), a ClassLabel, or
+    lists (several labels per text: multi-label). Refused: dicts, decimal numbers."""
     feature = ds.features[column]
     kind = kind_of(feature, ds[column] if isinstance(feature, JSON) else ())
     if kind == "lists":
-        raise UserError(f"the label column '{column}' holds lists (several labels per text) — multi-label is not "
-                        "supported yet")
+        return kind
     if kind == "decimal numbers":
         raise UserError(f"the label column '{column}' holds decimal numbers (e.g. {ds[0][column]}); a classifier "
                         "needs class labels: integers or names")
@@ -260,9 +259,10 @@ def label_column_values(ds, column):
     return kind
 
 
-def standardize(ds, cfg, split):
-    """Keep only the text and label columns, named `text` and `label`, both strings (labels as class names);
-    the train split's ClassLabel names, if it has them, or None."""
+def standardize(ds, cfg, split, problem=None):
+    """Keep only the text and label columns, named `text` and `label`, both strings (labels as class names; for
+    multi-label, lists of them: see label_sets); the train split's ClassLabel names, if it has them, or None.
+    `problem`: single_label or multi_label when known (the test split: as the training split), else cfg.problem."""
     text_col = find_column(ds, cfg.text_column, TEXT_COLUMNS, "text")
     label_col = find_column(ds, cfg.label_column, LABEL_COLUMNS, "label")
     if text_col == label_col:
@@ -271,7 +271,10 @@ def standardize(ds, cfg, split):
     if len(ds) == 0:
         raise UserError(f"the {split} split has no examples")
     text_kind, label_kind = text_column_values(ds, text_col), label_column_values(ds, label_col)
+    multi = multi_label(problem or cfg.problem, cfg.label_sep, label_kind, ds[label_col], label_col)
     ds = ds.select_columns([text_col, label_col]).rename_columns({text_col: "text", label_col: "label"})
+    if multi:
+        return label_sets(ds, cfg.label_sep, split)
     label_feature = ds.features["label"]
     ordered = list(label_feature.names) if isinstance(label_feature, ClassLabel) else None
     if ordered is not None and min(ds["label"], default=0) < 0:
@@ -283,6 +286,71 @@ def standardize(ds, cfg, split):
             return {"text": [as_text(t) for t in batch["text"]], "label": list(labels)}
         ds = ds.map(to_strings, batched=True, features=Features({"text": Value("string"), "label": Value("string")}))
     return ds, ordered
+
+
+LIST_IN_TEXT = re.compile(r"\s*\[.*\]\s*", re.S)
+
+
+def multi_label(problem, label_sep, kind, values, column):
+    """Whether the labels are sets (multi-label): --problem says so, or (auto) the column holds lists or --label-sep
+    is given. Never guessed from text: with auto, labels that look like several ("[a, b]"; "a;b" where a and b are
+    labels on their own too) are refused, not taken for class names of their own nor split."""
+    if kind == "lists" and problem == "single_label":
+        raise UserError(f"the label column '{column}' holds lists (several labels per text): that is --problem "
+                        "multi_label (or auto)")
+    if kind == "lists" or label_sep is not None or problem == "multi_label":
+        return True
+    if problem == "auto" and kind == "text":
+        names = {v.strip() for v in values if isinstance(v, str)}
+        listed = next((v for v in names if LIST_IN_TEXT.fullmatch(v)), None)
+        if listed is not None:
+            raise UserError(f"the label column '{column}' holds lists written as text ({listed[:40]}): in a csv write "
+                            "a text's labels as a;b and pass --label-sep ';' (or use .jsonl with lists); "
+                            "--problem single_label keeps them as class names")
+        for sep in (";", "|", ","):
+            joined = [v for v in names if sep in v]
+            if joined and all(part.strip() in names for v in joined for part in v.split(sep) if part.strip()):
+                raise UserError(f"labels such as '{joined[0]}' look like several labels joined by '{sep}': pass "
+                                f"--label-sep '{sep}' for multi-label, or --problem single_label to keep them as "
+                                "class names")
+    return False
+
+
+def label_sets(ds, label_sep, split):
+    """Multi-label: each example's labels as a list of class names (strings), maybe empty, and the ClassLabel names
+    of a Hub dataset's label lists (or None). Lists stay lists; a csv cell is cut at --label-sep, an empty cell
+    being the empty set; a single label is a set of one. A missing list (null) is refused: [] is the empty set."""
+    feature = ds.features["label"]
+    inner = getattr(feature, "feature", feature)  # the type of the items of a list column
+    name_of = inner.int2str if isinstance(inner, ClassLabel) else as_text
+    missing = sum(v is None for v in ds["label"]) if label_sep is None else 0
+    if missing:
+        raise UserError(f"{missing} {split} example(s) have no label list (null); write [] for a text with no label")
+
+    def to_set(value):
+        if value is None:  # an empty csv cell
+            return []
+        if isinstance(value, str) and label_sep is not None:
+            return [part.strip() for part in value.split(label_sep) if part.strip()]
+        values = value if isinstance(value, list) else [value]
+        if any(v is None or isinstance(v, (list, dict, float)) for v in values):
+            raise UserError(f"the {split} split has a label list with {values}: labels are names or integers")
+        return [name_of(v) for v in values]
+    features = Features({"text": Value("string"), "label": datasets.Sequence(Value("string"))})
+    ds = ds.map(lambda batch: {"text": [as_text(t) for t in batch["text"]], "label": list(map(to_set, batch["label"]))},
+                batched=True, features=features)
+    return ds, list(inner.names) if isinstance(inner, ClassLabel) else None
+
+
+def is_multi_label(ds):
+    """Whether a split's labels are sets (lists) rather than one class each."""
+    return isinstance(ds.features["label"], LISTS)
+
+
+def label_values(ds):
+    """The distinct labels of a split (strings): every class name in it."""
+    labels = ds["label"]
+    return set(itertools.chain.from_iterable(labels)) if is_multi_label(ds) else set(labels)
 
 
 def drop_empty_texts(ds, split):
@@ -308,7 +376,7 @@ def class_names(train, ordered=None):
     distinct labels sorted, as numbers when every one is an integer (-1, 1, 2, 10), else as text."""
     if ordered is not None:
         return ordered
-    values = sorted(set(train["label"]))
+    values = sorted(label_values(train))
     if all(INTEGER.fullmatch(v) for v in values):
         return sorted(values, key=int)
     if all(NUMBER.fullmatch(v) for v in values):
@@ -319,20 +387,28 @@ def class_names(train, ordered=None):
 
 def encode_labels(ds, names, split):
     """Class names -> ids 0..K-1 of `names` (the training split's, for every split), as a ClassLabel column (what
-    stratified splits need). Written with explicit features: datasets would otherwise read a string "0" that is
-    also a class name as that name, and confuse ids with names."""
+    stratified splits need); multi-label: a 0/1 vector of K floats per example (what BCEWithLogitsLoss takes).
+    Written with explicit features: datasets would otherwise read a string "0" that is also a class name as that
+    name, and confuse ids with names."""
     index = {name: i for i, name in enumerate(names)}
-    unseen = sorted(set(ds["label"]) - set(index))
+    unseen = sorted(label_values(ds) - set(index))
     if unseen:
         raise UserError(f"the {split} split has labels never seen in training: {', '.join(unseen[:5])}")
+    if is_multi_label(ds):
+        features = Features({"text": ds.features["text"], "label": datasets.Sequence(Value("float32"), len(names))})
+        vector = lambda labels: [float(name in labels) for name in names]  # noqa: E731
+        return ds.map(lambda batch: {"label": [vector(set(v)) for v in batch["label"]]}, batched=True,
+                      features=features)
     features = Features({"text": ds.features["text"], "label": ClassLabel(names=names)})
     return ds.map(lambda batch: {"label": [index[v] for v in batch["label"]]}, batched=True, features=features)
 
 
 def stratified_split(ds, size, seed, what):
-    """(rest, part) where part holds `size` examples (int) or that fraction (float), in class proportions."""
+    """(rest, part) where part holds `size` examples (int) or that fraction (float), in class proportions; for
+    multi-label a seeded random split (README: a rare label may then miss a small split; the data line says so)."""
+    stratify = None if is_multi_label(ds) else "label"
     try:
-        parts = ds.train_test_split(test_size=size, stratify_by_column="label", seed=seed)
+        parts = ds.train_test_split(test_size=size, stratify_by_column=stratify, seed=seed)
     except ValueError as e:
         raise UserError(f"too few examples ({len(ds)}) to carve out the {what} split in class proportions "
                         f"({e}); use more data or change --val-fraction/--test-fraction/--*-samples") from None
@@ -349,21 +425,25 @@ def load_data(cfg):
     come from the training labels, once; every split's labels are mapped to ids through them."""
     train, test = read_dataset(cfg)
     train, ordered = standardize(train, cfg, "train")
-    check_labels(train, "train")
+    multi = is_multi_label(train)
+    if not multi:  # a multi-label example may have no label: the empty set
+        check_labels(train, "train")
     names = class_names(train, ordered)
-    if len(names) < 2:
-        raise UserError(f"the training data has a single class ({names[0]}); a classifier needs at least two")
-    present = set(train["label"])
+    if len(names) < (1 if multi else 2):
+        raise UserError("the training data has no labels at all" if multi else
+                        f"the training data has a single class ({names[0]}); a classifier needs at least two")
+    present = label_values(train)
     train = drop_empty_texts(train, "train")
-    emptied = sorted(present - set(train["label"]))
+    emptied = sorted(present - label_values(train))
     if emptied:  # a class must not vanish silently with its empty texts
         raise UserError(f"class '{emptied[0]}' has no training example with text (all of them are empty)")
     train = encode_labels(train, names, "train")
     if test is None:
         train, test = stratified_split(train, cfg.test_fraction, cfg.seed, "test")
     else:
-        test = standardize(test, cfg, "test")[0]
-        check_labels(test, "test")
+        test = standardize(test, cfg, "test", "multi_label" if multi else "single_label")[0]
+        if not multi:
+            check_labels(test, "test")
         test = encode_labels(drop_empty_texts(test, "test"), names, "test")
     splits = {"test": subsample(test, cfg.eval_samples, cfg.seed, "test")}
     if cfg.val_fraction > 0:
@@ -414,9 +494,14 @@ def tokenize(data, tokenizer, max_len, truncation="head"):
 
 def class_weights(labels, n_classes, how="none", device="cpu"):
     """--class-weights: None (the model's plain loss), or balanced: n / (classes x count) for each class, what
-    scikit-learn's compute_class_weight("balanced") gives, so that every class weighs as much in the loss."""
+    scikit-learn's compute_class_weight("balanced") gives, so that every class weighs as much in the loss;
+    multi-label: a label's negatives / positives as BCEWithLogitsLoss's pos_weight."""
     if how == "none":
         return None
+    labels = torch.as_tensor(labels)
+    if labels.ndim == 2:  # multi-label: BCE's pos_weight, each label's negatives / positives (README)
+        positives = labels.sum(0).clamp(min=1)
+        return ((len(labels) - positives) / positives).to(device)
     counts = torch.bincount(torch.as_tensor(labels), minlength=n_classes).clamp(min=1)
     return (len(labels) / (n_classes * counts.float())).to(device)
 
@@ -507,7 +592,7 @@ def make_loaders(data, tokenizer, cfg, device_type, processes=1):
                                    generator=torch.Generator().manual_seed(cfg.seed), **options)}
     # audit: the training split once more, as an evaluation, for the labels the trained model doubts (analysis.py)
     splits = {"validation": "validation", "test": "test"}
-    if cfg.audit and len(data["train"]) < AUDIT_LIMIT:
+    if cfg.audit and len(data["train"]) < AUDIT_LIMIT and not is_multi_label(data["train"]):
         splits["audit"] = "train"
     for name, split in splits.items():
         if split in data:
@@ -522,14 +607,33 @@ def make_loaders(data, tokenizer, cfg, device_type, processes=1):
 def describe(data, names, cfg):
     """The data line; with skewed classes (the largest over 3x the smallest in training) their counts and what helps."""
     sizes = " · ".join(f"{len(data[s]):,} {s}" for s in ("train", "validation", "test") if s in data)
-    line = f"Data: {sizes} · {len(names)} classes ({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
-    counts = torch.bincount(torch.as_tensor(data["train"]["label"]), minlength=len(names)).tolist()
+    listed = f"({', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+    labels = torch.as_tensor(data["train"]["label"])
+    if labels.ndim == 2:
+        counts = labels.sum(0).int().tolist()
+        line = f"Data: {sizes} · {len(names)} labels {listed} · " + describe_label_sets(data, names)
+    else:
+        counts = torch.bincount(labels, minlength=len(names)).tolist()
+        line = f"Data: {sizes} · {len(names)} classes {listed}"
     if max(counts) > 3 * min(counts):
         counted = [f"{names[c]} {counts[c]:,}" for c in sorted(range(len(names)), key=lambda c: -counts[c])]
         if len(counted) > 6:
             counted = counted[:3] + ["..."] + counted[-2:]
         hints = [flag for flag, unset in (("--metric-for-best f1_macro", cfg.metric_for_best != "f1_macro"),
                                           ("--class-weights balanced", cfg.class_weights != "balanced")) if unset]
-        line += f"\nSkewed classes (training examples: {' · '.join(counted)})" + \
-            (f": consider {' and '.join(hints)}" if hints else "")
+        line += f"\nSkewed {'labels' if labels.ndim == 2 else 'classes'} (training examples: " \
+                f"{' · '.join(counted)})" + (f": consider {' and '.join(hints)}" if hints else "")
+    return line
+
+
+def describe_label_sets(data, names):
+    """Multi-label: labels per text, texts without any, and the labels a (random) split happens to lack."""
+    labels = torch.as_tensor(data["train"]["label"])
+    line = f"multi-label: {labels.sum(1).mean():.2f} per training text, {int((labels.sum(1) == 0).sum()):,} with none"
+    for split in ("validation", "test"):
+        absent = [names[i] for i in torch.as_tensor(data[split]["label"]).sum(0).eq(0).nonzero()[:, 0].tolist()] \
+            if split in data else []
+        if absent:
+            line += (f"\nNo {split} example has the label(s) {', '.join(absent[:5])}"
+                     f"{', ...' if len(absent) > 5 else ''} (multi-label splits are random)")
     return line

@@ -20,7 +20,8 @@ import torch
 
 from config import Config, OneLineParser, UserError
 from data import load_data
-from predict import first_line, load_classifier, max_tokens, predict_logits, read_texts, torch_forward
+from predict import (first_line, label_threshold, load_classifier, max_tokens, predict_logits, read_texts,
+                     torch_forward)
 
 PARITY_LIMIT = 1e-4  # largest |logit difference| allowed between fp32 ONNX and PyTorch
 
@@ -111,6 +112,13 @@ def size_in_bytes(onnx_path, model):
     return sum(f.stat().st_size for f in Path(onnx_path).parent.glob(Path(onnx_path).name + "*"))  # + .data
 
 
+def decisions(logits, model):
+    """What the model decides: the class (argmax); multi-label, each label's 0/1 at the model's threshold."""
+    if model.config.problem_type == "multi_label_classification":
+        return (logits.sigmoid() >= label_threshold(model)).long()
+    return logits.argmax(-1)
+
+
 def compare(model_dir, out, texts, labels, max_len, benchmark):
     """Export, quantize, check, and (optionally) time. Returns the report."""
     model, tokenizer = load_classifier(str(model_dir), "cpu")
@@ -121,14 +129,15 @@ def compare(model_dir, out, texts, labels, max_len, benchmark):
     truncation = getattr(model.config, "truncation", "head")  # long texts cut as in training
     logits = {name: predict_logits(texts, tokenizer, f, 64, max_len, truncation=truncation)
               for name, f in forwards.items()}
-    reference = logits["pytorch"].argmax(-1)
+    reference = decisions(logits["pytorch"], model)
+    same = lambda a, b: float((a == b).reshape(len(texts), -1).all(1).float().mean())  # noqa: E731 -- the whole set
     report = {"n": len(texts), "max_len": max_len, "files": {"onnx": str(fp32), "onnx_int8": str(int8)}}
     for name, values in logits.items():
         row = {"max_abs_logit_diff": float((values - logits["pytorch"]).abs().max()),
-               "agreement": float((values.argmax(-1) == reference).float().mean()),
+               "agreement": same(decisions(values, model), reference),
                "size_mb": round(size_in_bytes(report["files"].get(name), model) / 2**20, 1)}
-        if labels is not None:
-            row["accuracy"] = float((values.argmax(-1) == torch.tensor(labels)).float().mean())
+        if labels is not None:  # multi-label: the exact match ratio
+            row["accuracy"] = same(decisions(values, model), torch.tensor(labels).long())
         if benchmark:
             row.update(timings(forwards[name], tokenizer, texts, max_len))
         report[name] = row

@@ -10,6 +10,9 @@ One JSON object per input, in the input's order: {"text", "label", "score", "pro
 "\r\n") only, so output row i is input line i. The probabilities are calibrated: softmax(logits / T), with the
 temperature T that train.py fitted on the validation split (`calibration_temperature` in config.json; 1 without).
 --min-confidence P: "label" is null (the model abstains) for a text whose top probability is below P.
+A multi-label model (problem_type multi_label_classification): each label's probability is its own sigmoid, and
+"labels" lists those at or above the threshold (`threshold` in config.json, tuned on validation by train.py;
+--threshold overrides it), maybe none; "label" is the likeliest of them (null when there is none).
 In Python: `from predict import predict; predict(["A wonderful film."], "runs/imdb-.../best")`.
 """
 import codecs
@@ -98,15 +101,21 @@ def max_tokens(model, tokenizer, max_len=None):
     return min(max_len or limit, limit)
 
 
-def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=False, min_confidence=None):
+def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=False, min_confidence=None,
+            threshold=None):
     """[{"text", "label", "score", "probs"}] for each text, in order; `top_k` keeps the k likeliest in probs. The
     probabilities are softmax(logits / T), T the model's calibration temperature. A text whose top probability is
-    below `min_confidence` gets "label": None (abstained); its score and probs are given all the same."""
+    below `min_confidence` gets "label": None (abstained); its score and probs are given all the same.
+    Multi-label models: sigmoid probabilities, and "labels": those at `threshold` or above (default: the model's)."""
     if max_len is not None and max_len < 1:
         raise UserError(f"max_len must be at least 1, not {max_len}")
     if min_confidence is not None and not 0 <= min_confidence <= 1:
         raise UserError(f"min_confidence must be a probability, in [0, 1], not {min_confidence}")
     model, tokenizer = load_classifier(str(model_dir))
+    multi = model.config.problem_type == "multi_label_classification"
+    if multi and min_confidence is not None:
+        raise UserError("--min-confidence is for single-label models: a multi-label model predicts each label at its "
+                        "threshold (--threshold)")
     special = tokenizer.num_special_tokens_to_add()
     if max_len is not None and max_len <= special:  # the tokenizer would then not truncate at all
         raise UserError(f"max_len {max_len} leaves no room for text: this model adds {special} special tokens to "
@@ -115,15 +124,26 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
         return []
     logits = predict_logits(texts, tokenizer, torch_forward(model), batch_size, max_tokens(model, tokenizer, max_len),
                             progress, getattr(model.config, "truncation", "head"))  # as the model was trained
-    probs = (logits.double() / temperature(model)).softmax(-1)  # float64: scores near 1 stay apart, as in train.py
-    names = model.config.id2label
+    # float64: scores near 1 stay apart, as in train.py
+    probs = logits.double().sigmoid() if multi else (logits.double() / temperature(model)).softmax(-1)
+    names, cut = model.config.id2label, label_threshold(model, threshold) if multi else None
     results = []
     for text, row in zip(texts, probs.tolist()):
-        ranked = sorted(range(len(row)), key=lambda c: -row[c])[:top_k]
-        sure = min_confidence is None or row[ranked[0]] >= min_confidence
+        ranked = sorted(range(len(row)), key=lambda c: -row[c])
+        sure = row[ranked[0]] >= cut if multi else min_confidence is None or row[ranked[0]] >= min_confidence
         results.append({"text": text, "label": names[ranked[0]] if sure else None, "score": row[ranked[0]],
-                        "probs": {names[c]: row[c] for c in ranked}})
+                        "probs": {names[c]: row[c] for c in ranked[:top_k]}})
+        if multi:
+            results[-1]["labels"] = [names[c] for c in ranked if row[c] >= cut]
     return results
+
+
+def label_threshold(model, threshold=None):
+    """A multi-label model's decision threshold: the one given, else the one train.py stored (0.5 without)."""
+    value = threshold if threshold is not None else getattr(model.config, "threshold", 0.5)
+    if not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UserError(f"the threshold must be a probability in (0, 1), not {value!r}")
+    return float(value)
 
 
 def split_lines(text):
@@ -187,9 +207,10 @@ def write_results(results, output, fmt, names):
         output.writelines(json_line(r) for r in results)
         return
     writer = csv.writer(output)
-    writer.writerow(["text", "label", "score", *names])
+    sets = any("labels" in r for r in results)  # multi-label: a labels column too, the names joined by ";"
+    writer.writerow(["text", "label", *["labels"] * sets, "score", *names])
     for r in results:
-        writer.writerow([r["text"], r["label"], f"{r['score']:.6f}",
+        writer.writerow([r["text"], r["label"], *[";".join(r.get("labels", []))] * sets, f"{r['score']:.6f}",
                          *("" if r["probs"].get(n) is None else f"{r['probs'][n]:.6f}" for n in names)])
 
 
@@ -210,12 +231,17 @@ def parse_args(argv):
     parser.add_argument("--min-confidence", type=float, metavar="P",
                         help='abstain ("label": null) on texts whose top probability is below P, e.g. a threshold '
                              "from metrics.json's coverage table")
+    parser.add_argument("--threshold", type=float, metavar="P",
+                        help="multi-label models: predict each label at probability P or above (default: the model's "
+                             "threshold, tuned on validation by train.py)")
     args = parser.parse_intermixed_args(argv)  # texts may come after options, too
     for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--max-len", args.max_len)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, not {value}")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         parser.error(f"--min-confidence must be in [0, 1], not {args.min_confidence}")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        parser.error(f"--threshold must be in (0, 1), not {args.threshold}")
     check_encoding(args.encoding)
     if args.output is not None:
         output = Path(args.output)
@@ -257,7 +283,8 @@ def main(argv=None):
             raise UserError("no texts: give them as arguments, with --file, or on standard input")
         top_k = args.top_k if args.format == "jsonl" else None  # a csv row carries every class's probability
         results = predict(texts, args.model_dir, args.batch_size, args.max_len, top_k,
-                          progress=len(texts) > 10 * args.batch_size, min_confidence=args.min_confidence)
+                          progress=len(texts) > 10 * args.batch_size, min_confidence=args.min_confidence,
+                          threshold=args.threshold)
         names = list(load_classifier(args.model_dir)[0].config.id2label.values())  # csv columns: the model's order
         write_output(results, args, names)
     except UserError as e:

@@ -1,5 +1,5 @@
 """What people look at after (and before) a run: token-length statistics, curves.png, confusion.png,
-calibration.png and the model card best/README.md. Plain functions over the numbers train.py and analysis.py
+calibration.png (multi-label: per_label.png instead of those two) and the model card best/README.md. Plain functions over the numbers train.py and analysis.py
 already have; matplotlib draws without a display."""
 import json
 import os
@@ -42,9 +42,32 @@ def describe_lengths(stats, truncation="head"):
     return line
 
 
+def new_weights(info, prefix, n_classes, model):
+    """The weights from_pretrained did not find in the checkpoint: the new classification head, as expected; and a
+    warning for any of the encoder (its name begins with `prefix`): the checkpoint does not match the architecture."""
+    new = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
+    head, body = [k for k in new if not k.startswith(prefix)], [k for k in new if k.startswith(prefix)]
+    if head:
+        say(f"New classification head ({', '.join(sorted({k.rsplit('.', 1)[0] for k in head}))}) for "
+            f"{n_classes} classes, randomly initialized: this is what fine-tuning trains")
+    if body:
+        say(f"Warning: {len(body)} weight(s) of the encoder were not in {model} and start random: "
+            f"{', '.join(body[:4])}{'...' if len(body) > 4 else ''}", file=sys.stderr)
+
+
+def headline(metrics):
+    """A split's main scores in a line: accuracy and macro-F1; multi-label: micro-F1, exact match and macro-F1."""
+    line = f"accuracy {metrics['accuracy']:.4f}"
+    if "exact_match" in metrics:
+        line = f"micro-F1 {metrics['f1_micro']:.4f} · exact match {metrics['exact_match']:.4f}"
+    return f"{line} · macro-F1 {metrics['f1_macro']:.4f}"
+
+
 def describe_quality(metrics, n_train):
     """The lines after the test: the mistakes, calibration, accuracy at 90% coverage, and the label audit."""
     test, audit = metrics["test"], metrics["audit"]
+    if "exact_match" in test:
+        return describe_label_sets(test)
     wrong = test["n"] - sum(np.diag(test["confusion_matrix"]))
     at_90 = next(c for c in test["coverage"] if c["coverage"] == 0.9)
     calibrated = (f"{test['ece_calibrated']:.3f} with temperature {test['temperature']:.2f} (fitted on validation)"
@@ -59,6 +82,16 @@ def describe_quality(metrics, n_train):
     elif metrics["config"]["audit"]:
         lines.append(f"Label audit skipped: {n_train:,} training examples (it runs below {AUDIT_LIMIT:,})")
     return "\n".join(lines)
+
+
+def describe_label_sets(test):
+    """Multi-label: the wrong label sets and the threshold (tuned on validation, or --threshold)."""
+    flag = test["at_threshold_flag"]
+    tuned = (f"tuned on validation; at --threshold {flag['threshold']:g}: micro-F1 {flag['f1_micro']:.4f}"
+             if test["threshold_tuned_on"] else "--threshold: no validation split to tune it on")
+    wrong = round(test["n"] * (1 - test["exact_match"]))
+    return (f"Wrong label sets: {wrong:,} of {test['n']:,} test texts → errors.jsonl · threshold {test['threshold']:.2f} "
+            f"({tuned}); stored in best/config.json for predict.py")
 
 
 def why_uncalibrated(metrics):
@@ -109,7 +142,9 @@ def plot_curves(log, path):
     lr_ax.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="#999999", linestyle=":", label="lr")
     lr_ax.set_ylabel("learning rate (dotted)")
     loss_ax.legend(loc="upper right")
-    for key, name, color in (("val_accuracy", "accuracy", "#55a868"), ("val_f1_macro", "macro-F1", "#c44e52")):
+    sets = any("val_f1_micro" in r for r in epochs)  # multi-label: micro-F1 too, and accuracy is the exact match
+    for key, name, color in (("val_f1_micro", "micro-F1", "#8172b2"), ("val_accuracy", "exact match" if sets else
+                             "accuracy", "#55a868"), ("val_f1_macro", "macro-F1", "#c44e52")):
         points = [(r["epoch"], r[key]) for r in epochs if key in r]
         if points:
             val_ax.plot(*zip(*points), marker="o", color=color, label=f"validation {name}")
@@ -168,6 +203,24 @@ def plot_many_classes(plt, counts, shares, names, title, path, pairs=20):
     plt.close(fig)
 
 
+def plot_per_label(test, path, most=40):
+    """Multi-label: each label's precision, recall and F1 on the test split (the `most` most frequent labels)."""
+    plt = _pyplot()
+    per = sorted(test["per_class"].items(), key=lambda item: -item[1]["support"])[:most][::-1]
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.3 * len(per) + 1.5)), dpi=100)
+    rows = np.arange(len(per))
+    ax.barh(rows, [c["f1"] for _, c in per], color="#4c72b0", label="F1")
+    ax.plot([c["precision"] for _, c in per], rows, "o", color="#55a868", label="precision")
+    ax.plot([c["recall"] for _, c in per], rows, "x", color="#c44e52", label="recall")
+    ax.set_yticks(rows, [f"{name[:30]} ({c['support']:,})" for name, c in per])
+    ax.set(xlim=(0, 1.02), xlabel=f"on the test split, threshold {test['threshold']:.2f}",
+           title=f"Per label (test examples with it) · n={test['n']:,} · micro-F1 {test['f1_micro']:.3f}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_calibration(quality, path):
     """Left: the reliability diagram of the test split (accuracy against mean top probability per bin) before and
     after temperature scaling. Right: accuracy on the share of test texts the model is most sure of."""
@@ -203,8 +256,11 @@ def plot_calibration(quality, path):
 def write_pictures_and_card(out, log, metrics, sizes, quality):
     """The nice-to-have outputs, each on its own (optional_output): curves, confusion, calibration, model card."""
     optional_output("curves.png", plot_curves, log, out / "curves.png")
-    optional_output("confusion.png", plot_confusion, metrics["test"], out / "confusion.png")
-    optional_output("calibration.png", plot_calibration, quality, out / "calibration.png")
+    if "exact_match" in metrics["test"]:  # multi-label: no K x K confusion, no calibration (single-label notions)
+        optional_output("per_label.png", plot_per_label, metrics["test"], out / "per_label.png")
+    else:
+        optional_output("confusion.png", plot_confusion, metrics["test"], out / "confusion.png")
+        optional_output("calibration.png", plot_calibration, quality, out / "calibration.png")
     optional_output("best/README.md (the model card)", write_model_card, metrics, sizes, out / "best",
                     quality["mistakes"])
 
@@ -269,9 +325,12 @@ def model_card(metrics, sizes, mistakes=()):
     """best/README.md in the Hugging Face model-card format: YAML header, then what a reader wants to know."""
     cfg, test = metrics["config"], metrics["test"]
     base_model, dataset = hub_id(cfg["model"]), hub_id(cfg["dataset"])
+    sets = "exact_match" in test  # multi-label
+    named = [("micro-F1", "f1", "f1_micro"), ("macro-F1", "f1", "f1_macro"), ("samples-F1", "f1", "f1_samples"),
+             ("exact match", "accuracy", "exact_match")] if sets else \
+        [("accuracy", "accuracy", "accuracy"), ("macro-F1", "f1", "f1_macro")]
     results = {"task": {"type": "text-classification"},
-               "metrics": [{"type": "accuracy", "value": test["accuracy"]},
-                           {"type": "f1", "name": "macro-F1", "value": test["f1_macro"]}]}
+               "metrics": [{"type": kind, "name": name, "value": test[key]} for name, kind, key in named]}
     if dataset:
         results["dataset"] = {"name": dataset, "type": dataset}
     header = {"library_name": "transformers", "pipeline_tag": "text-classification",
@@ -281,21 +340,25 @@ def model_card(metrics, sizes, mistakes=()):
                                  "warmup_ratio", "scheduler", "max_grad_norm", "seed")}
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
              f"# Text classifier fine-tuned from `{cfg['model']}`", "",
-             f"Classes: {', '.join(test['labels'])}. Trained with this project's `train.py` on `{cfg['dataset']}`"
+             (f"Labels (multi-label: any number per text, each predicted at probability ≥ {test['threshold']:.2f}, "
+              "`threshold` in config.json, tuned on validation where there was one): " if sets else "Classes: ") +
+             f"{', '.join(test['labels'])}. Trained with this project's `train.py` on `{cfg['dataset']}`"
              f" ({', '.join(f'{n:,} {split}' for split, n in sizes.items())}); best epoch "
              f"{metrics['best_epoch']} of {cfg['epochs']}, {metrics['precision']}, {metrics['num_processes']} "
              "process(es).", "", "## Results on the test split", "",
-             "| metric | value |", "|---|---|", f"| accuracy | {test['accuracy']:.4f} |",
-             f"| macro-F1 | {test['f1_macro']:.4f} |", f"| examples | {test['n']:,} |", "",
-             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+             "| metric | value |", "|---|---|", *(f"| {name} | {test[key]:.4f} |" for name, _, key in named),
+             f"| examples | {test['n']:,} |", "",
+             f"| {'label' if sets else 'class'} | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for name, c in test["per_class"].items()]
     if "coverage" in test:
         lines += [""] + good_enough(metrics, mistakes)
     lines += ["", "## Training hyperparameters", "", "```json", json.dumps(hyper, indent=2), "```", "",
               "## How to use", "", "```python", "from transformers import pipeline",
-              'classify = pipeline("text-classification", model="path/to/this/folder")',
-              'classify("Your text here")', "```", ""]
+              'classify = pipeline("text-classification", model="path/to/this/folder"' +
+              (", top_k=None)  # every label's probability" if sets else ")"),
+              f'[r["label"] for r in classify(["Your text here"])[0] if r["score"] >= {test["threshold"]:.2f}]' if sets
+              else 'classify("Your text here")', "```", ""]
     return "\n".join(lines)
 
 

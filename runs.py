@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 from config import UserError, resolve
 
 OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint", "curves.png", "confusion.png", "lengths.png",
-           "tensorboard", "errors.jsonl", "suspect_labels.jsonl", "calibration.png")  # what a run writes in output_dir
+           "tensorboard", "errors.jsonl", "suspect_labels.jsonl", "calibration.png", "per_label.png")  # what a run writes
 
 
 def say(*args, **kwargs):
@@ -219,10 +219,11 @@ def write_jsonl(path, rows):
 
 
 def save_findings(out, quality):
-    """What analysis.assess found, beside the model: the temperature in best/config.json (`calibration_temperature`,
-    which predict.py divides the logits by), errors.jsonl and, after a label audit, suspect_labels.jsonl."""
+    """What analysis.assess found, beside the model: in best/config.json what predict.py needs (the temperature it
+    divides the logits by, `calibration_temperature`; a multi-label model's `threshold`), errors.jsonl and, after a
+    label audit, suspect_labels.jsonl."""
     config = out / "best" / "config.json"
-    write_json(config, {**json.loads(config.read_text()), "calibration_temperature": quality["temperature"]})
+    write_json(config, {**json.loads(config.read_text()), **quality["saved"]})
     write_jsonl(out / "errors.jsonl", quality["mistakes"])
     if quality["suspects"] is not None:
         write_jsonl(out / "suspect_labels.jsonl", quality["suspects"])

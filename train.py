@@ -11,7 +11,7 @@ runs.py. In a notebook: `from train import train; metrics = train(Config(...))`.
 """
 import sys
 
-from config import Config, UserError, parse_args_or_exit
+from config import Config, UserError, parse_args_or_exit, settle
 
 if __name__ == "__main__":  # --help and a bad flag answer at once, before the imports below (seconds)
     CLI_CONFIG = parse_args_or_exit()
@@ -34,8 +34,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import analysis
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
-from data import (check_tokenizer, class_weights, describe, fingerprint, load_data, make_loaders, offline_hint,
-                  tokenize, use_cache_only_if_offline)
+from data import (check_tokenizer, class_weights, describe, fingerprint, is_multi_label, load_data, make_loaders,
+                  offline_hint, tokenize, use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir,
                   discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, log_step,
                   model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
@@ -90,13 +90,15 @@ def choose_attention(requested, device_type, precision):
 
 
 def load_model(cfg, names, attention="sdpa"):
-    """The pretrained encoder with a fresh classification head for our classes."""
+    """The pretrained encoder with a fresh classification head for our classes (multi-label: one sigmoid each, its
+    loss BCEWithLogitsLoss; the saved config says so, and a `pipeline` then gives every label's probability)."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # its missing-keys report is replaced by our one line below
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             cfg.model, num_labels=len(names), id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
+            problem_type="multi_label_classification" if cfg.problem == "multi_label" else None,  # None: the usual
             output_loading_info=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=attention)
     except Exception as e:  # .bin-only weights (only safetensors are loaded), a truncated file: one line
@@ -106,15 +108,7 @@ def load_model(cfg, names, attention="sdpa"):
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.config.truncation = cfg.truncation  # saved in best/config.json: predict.py cuts long texts alike
-    new = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
-    head = [k for k in new if not k.startswith(model.base_model_prefix)]
-    body = [k for k in new if k.startswith(model.base_model_prefix)]
-    if head:
-        say(f"New classification head ({', '.join(sorted({k.rsplit('.', 1)[0] for k in head}))}) for "
-              f"{len(names)} classes, randomly initialized: this is what fine-tuning trains")
-    if body:  # not expected: the checkpoint does not match the architecture
-        say(f"Warning: {len(body)} weight(s) of the encoder were not in {cfg.model} and start random: "
-              f"{', '.join(body[:4])}{'...' if len(body) > 4 else ''}", file=sys.stderr)
+    report.new_weights(info, model.base_model_prefix, len(names), cfg.model)  # the new head; a warning if more
     return model
 
 
@@ -149,9 +143,9 @@ def split_logits(model, loader, accelerator):
     return logits[order], labels[order]
 
 
-def evaluate(model, loader, accelerator, names):
-    """Metrics over the whole split (analysis.scores)."""
-    return scores(*split_logits(model, loader, accelerator), names)
+def evaluate(model, loader, accelerator, names, threshold):
+    """Metrics over the whole split (analysis.scores; multi-label labels at `threshold`)."""
+    return scores(*split_logits(model, loader, accelerator), names, threshold)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,8 +167,7 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
         step_now = i + 1 == group_start + group_size
         with nullcontext() if step_now else accelerator.no_sync(model):  # no gradient all-reduce mid-group
             output = model(**batch)  # with --class-weights the loss is ours: the model's own takes no weights
-            loss = output.loss if weights is None else \
-                torch.nn.functional.cross_entropy(output.logits.float(), batch["labels"], weight=weights)
+            loss = output.loss if weights is None else weighted_loss(output.logits.float(), batch["labels"], weights)
             accelerator.backward(loss / group_size)
         group_loss += loss.detach()
         group_tokens += batch["attention_mask"].sum()  # real tokens; the rest of the positions are padding
@@ -202,11 +195,18 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
     return float(total) / n  # mean loss per micro-batch, over all processes
 
 
+def weighted_loss(logits, labels, weights):
+    """The loss with --class-weights: weighted cross-entropy; multi-label (0/1 rows): BCE with them as pos_weight."""
+    if labels.ndim == 2:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=weights)
+    return torch.nn.functional.cross_entropy(logits, labels, weight=weights)
+
+
 def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started):
     """Validate, log, keep the best model; returns the summary line."""
-    val = evaluate(model, loaders["validation"], accelerator, names) if "validation" in loaders else None
+    val = evaluate(model, loaders["validation"], accelerator, names, cfg.threshold) if "validation" in loaders else None
     if val:
-        record.update({f"val_{k}": val[k] for k in ("accuracy", "f1_macro", "loss")})
+        record.update({f"val_{k}": val[k] for k in ("accuracy", "f1_micro", "f1_macro", "loss") if k in val})
     seconds = time.time() - started
     record["seconds"] = round(seconds, 2)
     score = val[cfg.metric_for_best] if val else None
@@ -219,9 +219,8 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
     if improved:
         save_model(model, tokenizer, out / "best", accelerator)
         state.update(best_score=score, best_epoch=state["epoch"], best_val=val)
-    summary = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}"
-    if val:
-        summary += f" · val accuracy {val['accuracy']:.4f} · macro-F1 {val['f1_macro']:.4f}"
+    summary = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}" + \
+        (f" · val {report.headline(val)}" if val else "")
     return summary + f" · lr {record['lr']:.2e} · padding {record['padding']:.0%} · {seconds:.0f}s" + \
         (" *" if improved else "") + (f"\nStopped early: {record['stopped']}" if "stopped" in record else "")
 
@@ -274,6 +273,7 @@ def setup(cfg, accelerator, state, out):
     """Data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices."""
     with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
         data, names = load_data(cfg)
+        cfg = settle(cfg, is_multi_label(data["train"]))  # the problem (multi-label?) and metric-for-best's auto
         check_same_inputs(state, "data", fingerprint(data, names), out)  # a resumed run: the same data
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         check_tokenizer(tokenizer, data["train"]["text"], cfg.model)  # no tokenizer files: all [UNK]s
@@ -293,12 +293,10 @@ def setup(cfg, accelerator, state, out):
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
     n = accelerator.num_processes
-    batch = cfg.batch_size * n * cfg.grad_accum
     say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · {precision}, "
-        f"{attention} attention on "
-        f"{accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × grad_accum {cfg.grad_accum} = "
-        f"{batch} · {total_steps} steps")
-    return data, names, tokenizer, model, optimizer, scheduler, loaders, lengths
+        f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × grad_accum "
+        f"{cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps")
+    return cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths
 
 
 def train(cfg: Config):
@@ -323,7 +321,7 @@ def train(cfg: Config):
         use_cache_only_if_offline(cfg)
         check_same_inputs(state, "model", model_fingerprint(cfg.model, load_model_config(cfg)), out)
         set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
-        data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out)
+        cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out)
         if state["step"]:
             load_checkpoint(accelerator, out)
             say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
@@ -350,12 +348,12 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
     logits_of = lambda split: split_logits(best_model, loaders[split], accelerator) if split in loaders else None
     test_started, sizes = time.time(), {split: len(examples) for split, examples in data.items()}
     test_logits = logits_of("test")
-    test, test_seconds, seconds = scores(*test_logits, names), time.time() - test_started, state["train_seconds"]
+    test_seconds, seconds = time.time() - test_started, state["train_seconds"]
     val_logits, audit_started = logits_of("validation"), time.time()
     audit_logits, audit_seconds = logits_of("audit"), time.time() - audit_started  # the label audit's cost
-    quality = analysis.assess(test_logits, val_logits, audit_logits, names,
-                              {split: data[split]["text"] for split in ("test", "train")})
-    test.update(quality["test"])
+    texts = {split: data[split]["text"] for split in ("test", "train")}
+    quality = analysis.assess(test_logits, val_logits, audit_logits, names, texts, cfg.threshold)
+    test = {**scores(*test_logits, names, quality["threshold"]), **quality["test"]}  # multi: the tuned threshold
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
                "config": dataclasses.asdict(cfg), "output_dir": str(out), "precision": precision,
@@ -377,7 +375,7 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
                            {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
     report.optional_output(f"the {cfg.report_to} log", accelerator.end_training)
     say(report.describe_quality(metrics, sizes["train"]))
-    say(f"Test accuracy {test['accuracy']:.4f} · macro-F1 {test['f1_macro']:.4f} · n={test['n']:,} "
+    say(f"Test {report.headline(test)} · n={test['n']:,} "
         f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
         f"pipeline('text-classification', model='{out / 'best'}')")
     return metrics

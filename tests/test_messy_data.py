@@ -114,9 +114,9 @@ CASES = {  # name: (file maker, overrides, the message)
                        "the text column 'text' holds dicts, not text"),
     "lists as texts": (lambda p: bad_jsonl(p, "l", lambda t, l: {"text": [t], "label": l}), {},
                        "the text column 'text' holds lists, not text"),
-    "lists as labels": (lambda p: bad_jsonl(p, "ll", lambda t, l: {"text": t, "label": [l]}), {},
-                        r"the label column 'label' holds lists \(several labels per text\) — multi-label is not "
-                        "supported yet"),
+    "lists as labels, single-label asked": (lambda p: bad_jsonl(p, "ll", lambda t, l: {"text": t, "label": [l]}),
+                                            {"problem": "single_label"}, r"the label column 'label' holds lists "
+                                            r"\(several labels per text\): that is --problem multi_label"),
     "one column for both": (lambda p: write_csv(p / "d.csv", toy_examples(40)), {"text_column": "label"},
                             "the text and the label column are the same column 'label'; name the other one with "
                             "--label-column"),

@@ -35,6 +35,25 @@ def unsure_pairs(n, seed=3, names=("neg", "pos")):
     return [(text, name) for text in texts for name in names]
 
 
+LABEL_CUES = {"pos": ("great", "awful"), "music": ("music", "ending"), "cast": ("cast", "plot")}
+
+
+def toy_label_sets(n, seed=0, cues=LABEL_CUES):
+    """n (text, labels) pairs for multi-label: each label has a word that says it is in the text's set and one that
+    says it is not, one of the two in every text; all 2^3 sets of the three labels, the empty one included, equally
+    often. Filler words around them."""
+    rng = random.Random(seed)
+    filler = [w for w in FILLER if not any(w in pair for pair in cues.values())]
+    rows = []
+    for i in range(n):
+        labels = [name for bit, name in enumerate(cues) if i >> bit & 1]
+        words = rng.choices(filler, k=rng.randint(4, 16)) + [cues[name][name not in labels] for name in cues]
+        rng.shuffle(words)
+        rows.append((" ".join(words), sorted(labels)))
+    rng.shuffle(rows)
+    return rows
+
+
 def write_csv(path, rows, header=("text", "label")):
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
