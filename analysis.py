@@ -115,9 +115,11 @@ def coverage_curve(probs, labels):
 
 
 def row(text, label, probs, names):
-    """One jsonl row: the text, its label (true or given), the predicted label with its probability, all of them."""
+    """One jsonl row: the text (a pair's two texts: "text" and "text_pair"), its label (true or given), the
+    predicted label with its probability, all of them."""
     predicted = int(np.argmax(probs))
-    return {"text": text, "label": names[label], "predicted": names[predicted], "score": float(probs[predicted]),
+    text = dict(zip(("text", "text_pair"), text)) if isinstance(text, tuple) else {"text": text}
+    return {**text, "label": names[label], "predicted": names[predicted], "score": float(probs[predicted]),
             "p_label": float(probs[label]), "probs": {name: float(p) for name, p in zip(names, probs)}}
 
 

@@ -29,6 +29,7 @@ class Config:
     test_split: str = "test"  # the Hub dataset's test split (SST-2 hides its test labels: its preset uses validation)
     test_file: str | None = None  # a separate test file for a local --dataset (else test-fraction is held out)
     text_column: str | None = None  # the text column (none = found by name: text, sentence, review, ...)
+    text_pair_column: str | None = None  # a second text read with the first (none = by name: premise/hypothesis, ...)
     label_column: str | None = None  # the label column (none = found by name: label, sentiment, category, ...)
     encoding: str = "utf-8"  # of local text files
     decode_errors: str = "strict"  # undecodable bytes: strict = refuse, naming the place; replace = U+FFFD
