@@ -156,10 +156,16 @@ def coverage_curve(probs, labels):
     return (k / len(correct)).tolist(), (correct.cumsum(0) / k).tolist()
 
 
+def given(text):
+    """An example's text for a jsonl row: {"text"}, or a pair's two texts {"text", "text_pair"}."""
+    return dict(zip(("text", "text_pair"), text)) if isinstance(text, tuple) else {"text": text}
+
+
 def row(text, label, probs, names):
-    """One jsonl row: the text, its label (true or given), the predicted label with its probability, all of them."""
+    """One jsonl row: the text (see given), its label (true or given), the predicted label with its probability,
+    all of them."""
     predicted = int(np.argmax(probs))
-    return {"text": text, "label": names[label], "predicted": names[predicted], "score": float(probs[predicted]),
+    return {**given(text), "label": names[label], "predicted": names[predicted], "score": float(probs[predicted]),
             "p_label": float(probs[label]), "probs": {name: float(p) for name, p in zip(names, probs)}}
 
 
@@ -196,7 +202,7 @@ def wrong_label_sets(probs, labels, texts, names, threshold):
     sureness = torch.where(predicted != labels.bool(), (probs - threshold).abs(), torch.zeros_like(probs)).amax(1)
     order = [i for i in torch.sort(sureness, descending=True, stable=True).indices.tolist() if wrong[i]]
     label_set = lambda row: [name for name, on in zip(names, row) if on]  # noqa: E731
-    return [{"text": texts[i], "labels": label_set(labels[i].tolist()), "predicted": label_set(predicted[i].tolist()),
+    return [{**given(texts[i]), "labels": label_set(labels[i].tolist()), "predicted": label_set(predicted[i].tolist()),
              "probs": {name: float(p) for name, p in zip(names, probs[i].tolist())}} for i in order]
 
 

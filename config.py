@@ -30,6 +30,7 @@ class Config:
     test_split: str = "test"  # the Hub dataset's test split (SST-2 hides its test labels: its preset uses validation)
     test_file: str | None = None  # a separate test file for a local --dataset (else test-fraction is held out)
     text_column: str | None = None  # the text column (none = found by name: text, sentence, review, ...)
+    text_pair_column: str | None = None  # a second text read with the first (none = by name: premise/hypothesis, ...)
     label_column: str | None = None  # the label column (none = found by name: label, sentiment, category, ...)
     problem: str = "auto"  # single_label or multi_label (a set of labels per text); auto: multi for lists or label-sep
     label_sep: str | None = None  # multi-label in a csv/tsv: what separates a cell's labels (e.g. ";"); never guessed

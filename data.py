@@ -1,9 +1,9 @@
 """Any data -> tokenized batches: a Hub id, a local .csv/.tsv/.json/.jsonl/.parquet file or a folder with one
-sub-folder of .txt files per class -> standard columns (text, label as ClassLabel) -> stratified splits ->
-token ids -> length-grouped training batches and length-sorted evaluation batches.
+sub-folder of .txt files per class -> standard columns (text, text_pair for pair data, label as ClassLabel) ->
+stratified splits -> token ids -> length-grouped training batches and length-sorted evaluation batches.
 
-The entry points: `load_data(cfg)` (splits and class names), `tokenize`, `make_loaders`; `read_file` and
-`find_column` for other scripts that read texts (predict.py)."""
+The entry points: `load_data(cfg)` (splits and class names), `tokenize`, `make_loaders`; `read_file`,
+`find_text_columns`, `model_inputs` and `encode` for other scripts that read texts (predict.py)."""
 import codecs
 import hashlib
 import io
@@ -30,6 +30,10 @@ from runs import say
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "body", "tweet", "comment")
 LABEL_COLUMNS = ("label", "labels", "sentiment", "category", "class", "target", "topic", "intent", "tags")
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Two text columns read together (NLI, paraphrase, question-answer matching): the first is the text, the second its
+# pair. Found by these names, in this order, when neither --text-column nor --text-pair-column is given.
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "answer"), ("query", "passage"),
+                ("text_a", "text_b"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,6 +195,26 @@ def find_column(ds, given, candidates, what):
                     f"{', '.join(ds.column_names)}; name it with --{what}-column")
 
 
+def find_text_columns(ds, text_column=None, pair_column=None, need_pair=False):
+    """(text column, pair column or None). With neither named, two columns of the usual pair names (PAIR_COLUMNS, in
+    any case) are a pair; else the text column is found as always and there is a pair only when one is named (its
+    text column then found by the pairs' names first: hypothesis -> premise). `need_pair`: a pair model's input."""
+    if text_column is None and pair_column is None:
+        lowered = {name.lower(): name for name in ds.column_names}
+        for first, second in PAIR_COLUMNS:
+            if first in lowered and second in lowered:
+                return lowered[first], lowered[second]
+    if need_pair and pair_column is None:
+        raise UserError(f"this model reads text pairs, and no pair of text columns was found (looked for "
+                        f"{', '.join('/'.join(pair) for pair in PAIR_COLUMNS)}); the columns are: "
+                        f"{', '.join(ds.column_names)}; name them with --text-column and --text-pair-column")
+    if pair_column is None:
+        return find_column(ds, text_column, TEXT_COLUMNS, "text"), None
+    pair = find_column(ds, pair_column, (), "text pair")
+    partner = tuple(first for first, second in PAIR_COLUMNS if second == pair.lower())
+    return find_column(ds, text_column, partner + TEXT_COLUMNS + tuple(f for f, _ in PAIR_COLUMNS), "text"), pair
+
+
 # Feature types of columns that are not plain values, as far as this version of datasets has them (Json: 5.0)
 LISTS = tuple(t for t in (getattr(datasets, n, None) for n in ("List", "LargeList", "Sequence")) if isinstance(t, type))
 JSON = tuple(t for t in (getattr(datasets, "Json", None),) if isinstance(t, type))
@@ -228,18 +252,19 @@ def as_text(value):
     return value if value is None or isinstance(value, str) else json.dumps(value)
 
 
-def text_column_values(ds, column):
-    """The text column as strings. Refused: a column of lists or dicts (which text?), and a column that holds
-    nothing but numbers (typed as numbers, or csv cells that all read as numbers): an id or a score column taken for
-    the text. Mixed JSON values (texts and a few numbers) are read as the text they were written as."""
+def text_column_values(ds, column, what="text"):
+    """The text column (or the pair column: `what` "text pair") as strings. Refused: a column of lists or dicts (which
+    text?), and a column that holds nothing but numbers (typed as numbers, or csv cells that all read as numbers): an
+    id or a score column taken for the text. Mixed JSON values (texts and a few numbers) are read as the text they
+    were written as."""
     feature = ds.features[column]
     kind = kind_of(feature, ds[column] if isinstance(feature, JSON) else ())
     texts = [t for t in ds[column] if isinstance(t, str) and t.strip()] if kind in ("text", "mixed values") else []
     if kind in ("numbers", "decimal numbers") or texts and all(NUMBER.fullmatch(t) for t in texts):
         kind = "numbers"
     if kind not in ("text", "mixed values"):
-        raise UserError(f"the text column '{column}' holds {kind}, not text; name the column of texts with "
-                        "--text-column")
+        raise UserError(f"the {what} column '{column}' holds {kind}, not text; name the column of texts with "
+                        f"--{what.replace(' ', '-')}-column")
     return kind
 
 
@@ -260,19 +285,27 @@ def label_column_values(ds, column):
 
 
 def standardize(ds, cfg, split, problem=None):
-    """Keep only the text and label columns, named `text` and `label`, both strings (labels as class names; for
-    multi-label, lists of them: see label_sets); the train split's ClassLabel names, if it has them, or None.
-    `problem`: single_label or multi_label when known (the test split: as the training split), else cfg.problem."""
-    text_col = find_column(ds, cfg.text_column, TEXT_COLUMNS, "text")
+    """Keep only the text (and pair) and label columns, named `text` (`text_pair`) and `label`, all strings (labels
+    as class names; for multi-label, lists of them: see label_sets); the train split's ClassLabel names, if it has
+    them, or None. `problem`: single_label or multi_label when known (the test split: as the training split), else
+    cfg.problem."""
+    text_col, pair_col = find_text_columns(ds, cfg.text_column, cfg.text_pair_column)
     label_col = find_column(ds, cfg.label_column, LABEL_COLUMNS, "label")
     if text_col == label_col:
         raise UserError(f"the text and the label column are the same column '{text_col}'; name the other one with "
                         f"--{'label' if cfg.text_column else 'text'}-column")
+    if pair_col in (text_col, label_col):
+        raise UserError(f"--text-pair-column '{pair_col}' is the {'text' if pair_col == text_col else 'label'} "
+                        "column too; the pair is a second text column")
     if len(ds) == 0:
         raise UserError(f"the {split} split has no examples")
-    text_kind, label_kind = text_column_values(ds, text_col), label_column_values(ds, label_col)
-    multi = multi_label(problem or cfg.problem, cfg.label_sep, label_kind, ds[label_col], label_col)
-    ds = ds.select_columns([text_col, label_col]).rename_columns({text_col: "text", label_col: "label"})
+    kinds = [text_column_values(ds, text_col), label_column_values(ds, label_col)]
+    kinds += [text_column_values(ds, pair_col, "text pair")] if pair_col else []
+    multi = multi_label(problem or cfg.problem, cfg.label_sep, kinds[1], ds[label_col], label_col)
+    if pair_col and split == "train":
+        say(f"Text pairs: '{text_col}' and '{pair_col}', read together (the tokenizer's pair encoding)")
+    columns = {text_col: "text", **({pair_col: "text_pair"} if pair_col else {}), label_col: "label"}
+    ds = ds.select_columns(list(columns)).rename_columns(columns)
     if multi:
         return label_sets(ds, cfg.label_sep, split)
     label_feature = ds.features["label"]
@@ -280,11 +313,12 @@ def standardize(ds, cfg, split, problem=None):
     if ordered is not None and min(ds["label"], default=0) < 0:
         raise UserError(f"the {split} split has no labels (hidden, as in GLUE's test sets); use --test-split "
                         "validation")
-    if text_kind != "text" or label_kind != "text":  # to strings: ClassLabel ids to names, 1 to "1"
+    if any(kind != "text" for kind in kinds):  # to strings: ClassLabel ids to names, 1 to "1"
         def to_strings(batch):
             labels = [label_feature.int2str(v) for v in batch["label"]] if ordered else map(as_text, batch["label"])
-            return {"text": [as_text(t) for t in batch["text"]], "label": list(labels)}
-        ds = ds.map(to_strings, batched=True, features=Features({"text": Value("string"), "label": Value("string")}))
+            texts = {name: [as_text(t) for t in batch[name]] for name in batch if name != "label"}
+            return {**texts, "label": list(labels)}
+        ds = ds.map(to_strings, batched=True, features=Features({name: Value("string") for name in ds.column_names}))
     return ds, ordered
 
 
@@ -336,9 +370,12 @@ def label_sets(ds, label_sep, split):
         if any(v is None or isinstance(v, (list, dict, float)) for v in values):
             raise UserError(f"the {split} split has a label list with {values}: labels are names or integers")
         return [name_of(v) for v in values]
-    features = Features({"text": Value("string"), "label": datasets.Sequence(Value("string"))})
-    ds = ds.map(lambda batch: {"text": [as_text(t) for t in batch["text"]], "label": list(map(to_set, batch["label"]))},
-                batched=True, features=features)
+    def to_sets(batch):
+        texts = {name: [as_text(t) for t in batch[name]] for name in batch if name != "label"}  # text (and pair)
+        return {**texts, "label": list(map(to_set, batch["label"]))}
+    features = Features({name: Value("string") for name in ds.column_names})
+    features["label"] = datasets.Sequence(Value("string"))
+    ds = ds.map(to_sets, batched=True, features=features)
     return ds, list(inner.names) if isinstance(inner, ClassLabel) else None
 
 
@@ -351,13 +388,18 @@ def label_values(ds):
     """The distinct labels of a split (strings): every class name in it."""
     labels = ds["label"]
     return set(itertools.chain.from_iterable(labels)) if is_multi_label(ds) else set(labels)
+def is_pairs(ds):
+    """Whether a split holds text pairs (a `text_pair` column next to `text`)."""
+    return "text_pair" in ds.column_names
 
 
 def drop_empty_texts(ds, split):
-    before = len(ds)
-    ds = ds.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    """Drop the examples with an empty text (or, for pairs, an empty text or pair), saying how many."""
+    before, columns = len(ds), ["text", "text_pair"] if is_pairs(ds) else ["text"]
+    ds = ds.filter(lambda batch: [all(t and t.strip() for t in row) for row in zip(*(batch[c] for c in columns))],
+                   batched=True)
     if len(ds) < before:
-        say(f"Dropped {before - len(ds)} {split} example(s) with empty text")
+        say(f"Dropped {before - len(ds)} {split} example(s) with empty text{' or text pair' if is_pairs(ds) else ''}")
     if len(ds) == 0:
         raise UserError(f"the {split} split has no examples with text")
     return ds
@@ -395,11 +437,11 @@ def encode_labels(ds, names, split):
     if unseen:
         raise UserError(f"the {split} split has labels never seen in training: {', '.join(unseen[:5])}")
     if is_multi_label(ds):
-        features = Features({"text": ds.features["text"], "label": datasets.Sequence(Value("float32"), len(names))})
+        features = Features({**ds.features, "label": datasets.Sequence(Value("float32"), len(names))})
         vector = lambda labels: [float(name in labels) for name in names]  # noqa: E731
         return ds.map(lambda batch: {"label": [vector(set(v)) for v in batch["label"]]}, batched=True,
                       features=features)
-    features = Features({"text": ds.features["text"], "label": ClassLabel(names=names)})
+    features = Features({**ds.features, "label": ClassLabel(names=names)})
     return ds.map(lambda batch: {"label": [index[v] for v in batch["label"]]}, batched=True, features=features)
 
 
@@ -425,6 +467,9 @@ def load_data(cfg):
     come from the training labels, once; every split's labels are mapped to ids through them."""
     train, test = read_dataset(cfg)
     train, ordered = standardize(train, cfg, "train")
+    if is_pairs(train) and cfg.truncation != "head":  # the tokenizer cuts a pair: the longer text loses its end
+        raise UserError(f"--truncation {cfg.truncation} is for single long texts; a text pair is cut by the "
+                        "tokenizer (longest_first: the longer of the two loses its end first): use --truncation head")
     multi = is_multi_label(train)
     if not multi:  # a multi-label example may have no label: the empty set
         check_labels(train, "train")
@@ -442,6 +487,10 @@ def load_data(cfg):
         train, test = stratified_split(train, cfg.test_fraction, cfg.seed, "test")
     else:
         test = standardize(test, cfg, "test", "multi_label" if multi else "single_label")[0]
+        if is_pairs(test) != is_pairs(train):
+            raise UserError(f"the {'training' if is_pairs(train) else 'test'} split holds text pairs and the "
+                            f"{'test' if is_pairs(train) else 'training'} split single texts; name the same columns "
+                            "in both with --text-column and --text-pair-column")
         if not multi:
             check_labels(test, "test")
         test = encode_labels(drop_empty_texts(test, "test"), names, "test")
@@ -454,13 +503,14 @@ def load_data(cfg):
 
 
 def fingerprint(data, names):
-    """A short sha256 of the class names and every split's texts and labels: the same data gives the same
-    fingerprint (the splits are seeded), and one changed text or label another. About a second for IMDB."""
+    """A short sha256 of the class names and every split's texts (and pairs) and labels: the same data gives the
+    same fingerprint (the splits are seeded), and one changed text, pair or label another. About a second for IMDB."""
     digest = hashlib.sha256(json.dumps(list(names)).encode())
     for split in sorted(data):
         digest.update(f"\0{split}\0{len(data[split])}".encode())
-        for batch in data[split].select_columns(["text", "label"]).iter(batch_size=10_000):
-            digest.update(json.dumps([batch["text"], batch["label"]], ensure_ascii=False).encode())
+        columns = ["text", "text_pair", "label"] if is_pairs(data[split]) else ["text", "label"]
+        for batch in data[split].select_columns(columns).iter(batch_size=10_000):
+            digest.update(json.dumps([batch[c] for c in columns], ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
 
 
@@ -482,14 +532,35 @@ def truncate(rows, tokenizer, max_len, truncation="head"):
             for ids in rows]
 
 
+def model_inputs(examples):
+    """What the model reads of a split (or a batch of it): its texts, or for pairs (text, text_pair) tuples."""
+    columns = getattr(examples, "column_names", examples)  # a Dataset's columns, or a batch's keys
+    return list(zip(examples["text"], examples["text_pair"])) if "text_pair" in columns else examples["text"]
+
+
+def encode(tokenizer, texts, max_len, truncation="head"):
+    """{"input_ids": ..., and "token_type_ids" where the tokenizer makes them (BERT: 0 for the first text, 1 for
+    the second)} for texts, or (text, pair) tuples, at most max_len ids each. A pair is the tokenizer's own pair
+    encoding ([CLS] a [SEP] b [SEP] for BERT), cut longest_first: the longer text loses its end, token by token. A
+    single text is cut as `truncation` says (see truncate)."""
+    if texts and isinstance(texts[0], tuple):
+        first, second = (list(column) for column in zip(*texts))
+        encoded = tokenizer(first, second, truncation="longest_first", max_length=max_len, verbose=False)
+        return {key: encoded[key] for key in ("input_ids", "token_type_ids") if key in encoded}
+    return {"input_ids": truncate(tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"],
+                                  tokenizer, max_len, truncation)}
+
+
 def tokenize(data, tokenizer, max_len, truncation="head"):
-    """Token ids per example, truncated to max_len (see truncate) and NOT padded: each batch is padded to its own
-    longest. The `length` column is for batching texts of similar length together (make_loaders takes it off)."""
-    def encode(batch):
-        ids = truncate(tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"], tokenizer,
-                       max_len, truncation)
-        return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids], "length": list(map(len, ids))}
-    return data.map(encode, batched=True, remove_columns=["text"])
+    """Token ids per example (and token type ids for pairs, where the model has them), truncated to max_len (see
+    encode) and NOT padded: each batch is padded to its own longest. The `length` column is for batching texts of
+    similar length together (make_loaders takes it off)."""
+    def encode_batch(batch):
+        encoded = encode(tokenizer, model_inputs(batch), max_len, truncation)
+        ids = encoded["input_ids"]
+        return {**encoded, "attention_mask": [[1] * len(row) for row in ids], "length": list(map(len, ids))}
+    texts = ["text", "text_pair"] if is_pairs(next(iter(data.values()))) else ["text"]
+    return data.map(encode_batch, batched=True, remove_columns=texts)
 
 
 def class_weights(labels, n_classes, how="none", device="cpu"):
@@ -511,9 +582,9 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
 
 
 def check_tokenizer(tokenizer, texts, model, sample=1000, most=0.5):
-    """Refuse a tokenizer that cannot read the training texts: more than half of the tokens of (the first 1,000
-    of) them unknown ([UNK]), or none at all. A model folder without its tokenizer files loads a tokenizer of a
-    few special tokens, without an error, and the run would train on [UNK]s."""
+    """Refuse a tokenizer that cannot read the training texts (model_inputs: a pair's two texts both counted): more
+    than half of the tokens of (the first 1,000 of) them unknown ([UNK]), or none at all. A model folder without its
+    tokenizer files loads a tokenizer of a few special tokens, without an error, and the run would train on [UNK]s."""
     ids = tokenizer(list(itertools.islice(texts, sample)), add_special_tokens=False, truncation=False,
                     verbose=False)["input_ids"]
     total = sum(len(row) for row in ids)

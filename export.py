@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from config import Config, OneLineParser, UserError
-from data import load_data
+from data import load_data, model_inputs
 from predict import (first_line, label_threshold, load_classifier, max_tokens, predict_logits, read_texts,
-                     torch_forward)
+                     reads_pairs, torch_forward)
 
 PARITY_LIMIT = 1e-4  # largest |logit difference| allowed between fp32 ONNX and PyTorch
 
@@ -35,10 +35,13 @@ def need_onnx():
 
 
 def export_onnx(model, tokenizer, path):
-    """torch.onnx.export (the torch.export-based exporter) with dynamic batch and sequence axes."""
+    """torch.onnx.export (the torch.export-based exporter) with dynamic batch and sequence axes. A model trained on
+    text pairs also takes token_type_ids where its tokenizer makes them (BERT: which of the two texts a token is in)."""
     model = model.cpu().eval()
-    example = tokenizer(["an example text to trace", "short"], padding=True, return_tensors="pt")
-    inputs = {name: example[name] for name in ("input_ids", "attention_mask")}
+    pairs = [["and its pair", "b"]] if reads_pairs(model) else []
+    example = tokenizer(["an example text to trace", "short"], *pairs, padding=True, return_tensors="pt")
+    names = ("input_ids", "attention_mask") + (("token_type_ids",) if pairs and "token_type_ids" in example else ())
+    inputs = {name: example[name] for name in names}
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     with warnings.catch_warnings():  # the exporter's notes on its own internals
@@ -69,11 +72,11 @@ def onnx_forward(path):
     return lambda inputs: torch.from_numpy(session.run(None, {n: inputs[n].numpy() for n in names})[0])
 
 
-def real_inputs(model_dir, file, samples):
+def real_inputs(model_dir, file, samples, pairs=False):
     """(texts, labels or None, max_len or None): the run's test split and max_len when model_dir is a run's
-    best/, else the texts of --file."""
+    best/, else the texts of --file; (text, pair) tuples for a model trained on `pairs`."""
     if file:
-        texts = read_texts(file)[:samples]
+        texts = read_texts(file, pairs=pairs)[:samples]
         if not texts:
             raise UserError(f"{file}: no texts to check on")
         return texts, None, None
@@ -87,12 +90,12 @@ def real_inputs(model_dir, file, samples):
         raise UserError(f"{metrics_file}: not a metrics.json that train.py wrote ({first_line(e)}); pass --file "
                         "with texts to check on") from None
     test = load_data(cfg)[0]["test"]
-    return list(test["text"]), list(test["label"]), cfg.max_len
+    return list(model_inputs(test)), list(test["label"]), cfg.max_len
 
 
 def timings(forward, tokenizer, texts, max_len, batch_size=64, runs=50):
     """Latency of one median-length text (p50/p95, ms) and throughput over all the texts (texts/s)."""
-    text = sorted(texts, key=len)[len(texts) // 2]
+    text = sorted(texts, key=lambda t: len(t if isinstance(t, str) else "".join(t)))[len(texts) // 2]
     predict_logits([text] * 3, tokenizer, forward, 1, max_len)  # warm-up
     latencies = []
     for _ in range(runs):
@@ -177,8 +180,8 @@ def main(argv=None):
         out = Path(args.output_dir or Path(args.model_dir) / "onnx")
         check_output_dir(out)
         need_onnx()
-        load_classifier(str(args.model_dir), "cpu")  # a model folder that loads, before anything is written
-        texts, labels, max_len = real_inputs(args.model_dir, args.file, args.samples)
+        model, _ = load_classifier(str(args.model_dir), "cpu")  # a model folder that loads, before anything is written
+        texts, labels, max_len = real_inputs(args.model_dir, args.file, args.samples, reads_pairs(model))
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -4,16 +4,21 @@
     python predict.py runs/imdb-.../best --file reviews.txt --output predictions.jsonl   # one text per line
     python predict.py runs/imdb-.../best --file reviews.csv --format csv                 # a csv/jsonl text column
     cat reviews.txt | python predict.py runs/imdb-.../best --top-k 2
+    python predict.py runs/nli-.../best $'A man sleeps.\\tNobody sleeps.'   # a model trained on text pairs
+    python predict.py runs/nli-.../best --file pairs.csv     # premise/hypothesis, ... columns, or --text-pair-column
 
 One JSON object per input, in the input's order: {"text", "label", "score", "probs": {NAME: p, ...}}; with
 --format csv one row per input: text, label, score and every class's probability. Lines are split on "\n" (or
-"\r\n") only, so output row i is input line i. The probabilities are calibrated: softmax(logits / T), with the
-temperature T that train.py fitted on the validation split (`calibration_temperature` in config.json; 1 without).
+"\r\n") only, so output row i is input line i. A model trained on text pairs (`text_pair` in its config.json) reads
+pairs: two columns of a table, or one "first<TAB>second" per line or argument; its rows have "text_pair" too.
+The probabilities are calibrated: softmax(logits / T), with the temperature T that train.py fitted on the
+validation split (`calibration_temperature` in config.json; 1 without).
 --min-confidence P: "label" is null (the model abstains) for a text whose top probability is below P.
 A multi-label model (problem_type multi_label_classification): each label's probability is its own sigmoid, and
 "labels" lists those at or above the threshold (`threshold` in config.json, tuned on validation by train.py;
 --threshold overrides it), maybe none; "label" is the likeliest of them (null when there is none).
-In Python: `from predict import predict; predict(["A wonderful film."], "runs/imdb-.../best")`.
+In Python: `from predict import predict; predict(["A wonderful film."], "runs/imdb-.../best")`, for pairs
+`predict([("A man sleeps.", "Nobody sleeps.")], "runs/nli-.../best")`.
 """
 import codecs
 import csv
@@ -29,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from config import OneLineParser, UserError, resolve
-from data import FILE_FORMATS, TEXT_COLUMNS, find_column, read_file, truncate
+from data import FILE_FORMATS, TEXT_COLUMNS, encode, find_column, find_text_columns, read_file
 from runs import json_line
 
 transformers.utils.logging.disable_progress_bar()
@@ -76,13 +81,14 @@ def torch_forward(model):
 
 @torch.no_grad()
 def predict_logits(texts, tokenizer, forward, batch_size=64, max_len=None, progress=False, truncation="head"):
-    """Logits, one row per text, in the texts' order. Long texts are cut to max_len as in training (`truncation`:
-    head, tail or head+tail, the model's own in predict()), not refused."""
-    ids = truncate(tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"], tokenizer,
-                   max_len or tokenizer.model_max_length, truncation)
+    """Logits, one row per text (or (text, pair) tuple), in the texts' order. Long texts are cut to max_len as in
+    training (data.encode; `truncation`: head, tail or head+tail, the model's own in predict()), not refused."""
+    encoded = encode(tokenizer, list(texts), max_len or tokenizer.model_max_length, truncation)
+    ids = encoded["input_ids"]
     rows = [None] * len(ids)
     for batch in tqdm(batches_by_length(ids, batch_size), desc="predicting", disable=not progress, file=sys.stderr):
-        logits = forward(tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt"))
+        logits = forward(tokenizer.pad({key: [values[i] for i in batch] for key, values in encoded.items()},
+                                       return_tensors="pt"))
         for i, row in zip(batch, logits):
             rows[i] = row
     return torch.stack(rows) if rows else torch.empty(0)
@@ -96,6 +102,24 @@ def temperature(model):
     return float(value)
 
 
+def reads_pairs(model):
+    """Whether the model was trained on text pairs (train.py stores `text_pair` in its config.json)."""
+    return bool(getattr(model.config, "text_pair", False))
+
+
+def check_inputs(texts, pairs):
+    """A pair model's inputs must be (text, pair) tuples (or lists of two texts), a single-text model's texts."""
+    texts = list(texts)
+    if not pairs:
+        if any(isinstance(t, tuple) for t in texts):
+            raise UserError("this model reads single texts, not (text, pair) tuples: it was trained without pairs")
+        return texts
+    for i, t in enumerate(texts, 1):
+        if not (isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(part, str) for part in t)):
+            raise UserError(f"this model reads text pairs: give (text, pair) tuples, not {t!r} (input {i})")
+    return [tuple(t) for t in texts]
+
+
 def max_tokens(model, tokenizer, max_len=None):
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     return min(max_len or limit, limit)
@@ -105,7 +129,8 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
             threshold=None):
     """[{"text", "label", "score", "probs"}] for each text, in order; `top_k` keeps the k likeliest in probs. The
     probabilities are softmax(logits / T), T the model's calibration temperature. A text whose top probability is
-    below `min_confidence` gets "label": None (abstained); its score and probs are given all the same.
+    below `min_confidence` gets "label": None (abstained); its score and probs are given all the same. A model
+    trained on text pairs takes (text, pair) tuples, and its results have "text_pair" after "text".
     Multi-label models: sigmoid probabilities, and "labels": those at `threshold` or above (default: the model's)."""
     if max_len is not None and max_len < 1:
         raise UserError(f"max_len must be at least 1, not {max_len}")
@@ -116,7 +141,9 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     if multi and min_confidence is not None:
         raise UserError("--min-confidence is for single-label models: a multi-label model predicts each label at its "
                         "threshold (--threshold)")
-    special = tokenizer.num_special_tokens_to_add()
+    pairs = reads_pairs(model)
+    texts = check_inputs(texts, pairs)
+    special = tokenizer.num_special_tokens_to_add(pair=pairs)
     if max_len is not None and max_len <= special:  # the tokenizer would then not truncate at all
         raise UserError(f"max_len {max_len} leaves no room for text: this model adds {special} special tokens to "
                         f"each, so use at least {special + 1}")
@@ -131,7 +158,8 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     for text, row in zip(texts, probs.tolist()):
         ranked = sorted(range(len(row)), key=lambda c: -row[c])
         sure = row[ranked[0]] >= cut if multi else min_confidence is None or row[ranked[0]] >= min_confidence
-        results.append({"text": text, "label": names[ranked[0]] if sure else None, "score": row[ranked[0]],
+        given = {"text": text[0], "text_pair": text[1]} if pairs else {"text": text}
+        results.append({**given, "label": names[ranked[0]] if sure else None, "score": row[ranked[0]],
                         "probs": {names[c]: row[c] for c in ranked[:top_k]}})
         if multi:
             results[-1]["labels"] = [names[c] for c in ranked if row[c] >= cut]
@@ -154,6 +182,20 @@ def split_lines(text):
     if lines[-1] == "":
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def split_pairs(lines, where):
+    """"first<TAB>second" lines (or arguments) -> (first, second) tuples, for a pair model. A line without a tab is
+    refused, and so is one with several (which tab splits the pair?): `where` names the line, "... {}" its number."""
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        parts = line.split("\t")
+        if len(parts) != 2:
+            found = "no tab" if len(parts) == 1 else f"{len(parts) - 1} tabs"
+            raise UserError(f"{where.format(number)}: {found}; this model reads text pairs, each as first<TAB>second "
+                            "(a table: --file with two text columns)")
+        pairs.append((parts[0], parts[1]))
+    return pairs
 
 
 def check_encoding(encoding):
@@ -183,8 +225,9 @@ def as_text(value):
     return value if isinstance(value, str) else str(value)
 
 
-def read_texts(path, text_column=None, encoding="utf-8"):
-    """Texts from a .txt file (one per line, empty lines kept) or a csv/tsv/json/jsonl/parquet text column."""
+def read_texts(path, text_column=None, encoding="utf-8", pair_column=None, pairs=False):
+    """Texts from a .txt file (one per line, empty lines kept) or a csv/tsv/json/jsonl/parquet text column. With
+    `pairs` (a pair model), (text, pair) tuples: first<TAB>second lines, or two columns found as in training."""
     check_encoding(encoding)
     path = Path(path)
     if not path.exists():
@@ -193,11 +236,15 @@ def read_texts(path, text_column=None, encoding="utf-8"):
         raise UserError(f"{path}: not a file")
     try:
         if path.suffix.lower() not in FILE_FORMATS:
-            return split_lines(decode(path.read_bytes(), path, encoding))
+            lines = split_lines(decode(path.read_bytes(), path, encoding))
+            return split_pairs(lines, f"{path}, line {{}}") if pairs else lines
         table = read_file(path, resolve(encoding=encoding))
     except OSError as e:  # permission denied, a read error...
         raise UserError(f"{path}: could not be read ({e.strerror or first_line(e)})") from None
-    return [as_text(t) for t in table[find_column(table, text_column, TEXT_COLUMNS, "text")]]
+    if not pairs:
+        return [as_text(t) for t in table[find_column(table, text_column, TEXT_COLUMNS, "text")]]
+    first, second = find_text_columns(table, text_column, pair_column, need_pair=True)
+    return [(as_text(a), as_text(b)) for a, b in zip(table[first], table[second])]
 
 
 def write_results(results, output, fmt, names):
@@ -207,10 +254,12 @@ def write_results(results, output, fmt, names):
         output.writelines(json_line(r) for r in results)
         return
     writer = csv.writer(output)
+    given = ["text", "text_pair"] if results and "text_pair" in results[0] else ["text"]
     sets = any("labels" in r for r in results)  # multi-label: a labels column too, the names joined by ";"
-    writer.writerow(["text", "label", *["labels"] * sets, "score", *names])
+    writer.writerow([*given, "label", *["labels"] * sets, "score", *names])
     for r in results:
-        writer.writerow([r["text"], r["label"], *[";".join(r.get("labels", []))] * sets, f"{r['score']:.6f}",
+        writer.writerow([*(r[key] for key in given), r["label"], *[";".join(r.get("labels", []))] * sets,
+                         f"{r['score']:.6f}",
                          *("" if r["probs"].get(n) is None else f"{r['probs'][n]:.6f}" for n in names)])
 
 
@@ -220,6 +269,8 @@ def parse_args(argv):
     parser.add_argument("texts", nargs="*", help="texts to classify (else --file, else standard input, one per line)")
     parser.add_argument("--file", help="one text per line (.txt), or a .csv/.tsv/.json/.jsonl/.parquet text column")
     parser.add_argument("--text-column", help="the text column of --file (auto-detected)")
+    parser.add_argument("--text-pair-column", help="for a model trained on text pairs: the pair column of --file "
+                                                   "(auto-detected: sentence2, hypothesis, answer, ...)")
     parser.add_argument("--encoding", default="utf-8", help="of --file or standard input")
     parser.add_argument("--output", help="write here instead of standard output")
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
@@ -275,17 +326,23 @@ def main(argv=None):
             except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as lone surrogates
                 raise UserError(f"text argument {i} is not valid {sys.getfilesystemencoding()}; pass such texts with "
                                 "--file and --encoding") from None
+        model = load_classifier(args.model_dir)[0]
+        pairs = reads_pairs(model)
+        if args.text_pair_column is not None and not pairs:
+            raise UserError("--text-pair-column: this model reads single texts (it was trained without pairs)")
         if args.file is not None:
-            texts = read_texts(args.file, args.text_column, args.encoding)
+            texts = read_texts(args.file, args.text_column, args.encoding, args.text_pair_column, pairs)
         else:
             texts = args.texts or split_lines(decode(sys.stdin.buffer.read(), "standard input", args.encoding))
+            if pairs:
+                texts = split_pairs(texts, "text argument {}" if args.texts else "standard input, line {}")
         if not texts:
             raise UserError("no texts: give them as arguments, with --file, or on standard input")
         top_k = args.top_k if args.format == "jsonl" else None  # a csv row carries every class's probability
         results = predict(texts, args.model_dir, args.batch_size, args.max_len, top_k,
                           progress=len(texts) > 10 * args.batch_size, min_confidence=args.min_confidence,
                           threshold=args.threshold)
-        names = list(load_classifier(args.model_dir)[0].config.id2label.values())  # csv columns: the model's order
+        names = list(model.config.id2label.values())  # csv columns: the model's order
         write_output(results, args, names)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -18,26 +18,28 @@ LENGTH_SAMPLE = 2000  # texts tokenized for the statistics: enough for the perce
 
 
 def length_stats(texts, tokenizer, max_len, seed=0):
-    """Token counts (untruncated) of up to LENGTH_SAMPLE texts: median, p90, p99, max and the share max_len cuts."""
+    """Token counts (untruncated) of up to LENGTH_SAMPLE texts: median, p90, p99, max and the share max_len cuts.
+    Texts may be (text, pair) tuples: a pair's count is that of its pair encoding, both texts and the special tokens."""
     texts = list(texts)
     if len(texts) > LENGTH_SAMPLE:
         texts = random.Random(seed).sample(texts, LENGTH_SAMPLE)
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]])
     return {"n": int(len(lengths)), "median": float(np.median(lengths)), "p90": float(np.percentile(lengths, 90)),
             "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max()),
-            "truncated": float((lengths > max_len).mean()), "max_len": max_len, "lengths": lengths.tolist()}
+            "truncated": float((lengths > max_len).mean()), "max_len": max_len, "lengths": lengths.tolist(),
+            "pairs": isinstance(texts[0], tuple)}
 
 
 def describe_lengths(stats, truncation="head"):
-    line = (f"Lengths in tokens ({stats['n']:,} training texts): median {stats['median']:.0f} · p90 {stats['p90']:.0f} "
-            f"· p99 {stats['p99']:.0f} · max {stats['max']:,} · {stats['truncated']:.0%} cut at --max-len "
-            f"{stats['max_len']}")
+    line = (f"Lengths in tokens ({stats['n']:,} training {'pairs' if stats['pairs'] else 'texts'}): median "
+            f"{stats['median']:.0f} · p90 {stats['p90']:.0f} · p99 {stats['p99']:.0f} · max {stats['max']:,} · "
+            f"{stats['truncated']:.0%} cut at --max-len {stats['max_len']}")
     if stats["truncated"] > 0.25:
         suggestion = min(512, int(stats["p90"]) // 32 * 32 + 32)  # 512: the limit of most BERT-like models
         kept = np.mean(np.array(stats["lengths"]) <= suggestion)
         line += (f"\nMore than a quarter of the texts are cut: --max-len {suggestion} would keep {kept:.0%} of them "
                  f"whole (at about {suggestion / stats['max_len']:.1f}x the cost per example), if the model allows it")
-        if truncation != "head+tail":
+        if truncation != "head+tail" and not stats["pairs"]:  # a pair is cut longest_first, never head+tail
             line += "\nOr keep the start and the end of each text, at the same cost: --truncation head+tail"
     return line
 

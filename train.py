@@ -34,8 +34,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import analysis
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
-from data import (check_tokenizer, class_weights, describe, fingerprint, is_multi_label, load_data, make_loaders,
-                  offline_hint, tokenize, use_cache_only_if_offline)
+from data import (check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs, load_data,
+                  make_loaders, model_inputs, offline_hint, tokenize, use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir,
                   discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, log_step,
                   model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
@@ -89,7 +89,7 @@ def choose_attention(requested, device_type, precision):
     return "eager" if device_type == "cpu" and precision == "bf16" else "sdpa"
 
 
-def load_model(cfg, names, attention="sdpa"):
+def load_model(cfg, names, attention="sdpa", pairs=False):
     """The pretrained encoder with a fresh classification head for our classes (multi-label: one sigmoid each, its
     loss BCEWithLogitsLoss; the saved config says so, and a `pipeline` then gives every label's probability)."""
     verbosity = transformers.logging.get_verbosity()
@@ -108,6 +108,7 @@ def load_model(cfg, names, attention="sdpa"):
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.config.truncation = cfg.truncation  # saved in best/config.json: predict.py cuts long texts alike
+    model.config.text_pair = pairs  # and predict.py reads (text, pair) tuples, or "first<TAB>second" lines
     report.new_weights(info, model.base_model_prefix, len(names), cfg.model)  # the new head; a warning if more
     return model
 
@@ -276,14 +277,15 @@ def setup(cfg, accelerator, state, out):
         cfg = settle(cfg, is_multi_label(data["train"]))  # the problem (multi-label?) and metric-for-best's auto
         check_same_inputs(state, "data", fingerprint(data, names), out)  # a resumed run: the same data
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        check_tokenizer(tokenizer, data["train"]["text"], cfg.model)  # no tokenizer files: all [UNK]s
-        lengths = report.length_stats(data["train"]["text"], tokenizer, cfg.max_len, cfg.seed)
+        texts = model_inputs(data["train"])  # the texts, or (text, pair) tuples
+        check_tokenizer(tokenizer, texts, cfg.model)  # no tokenizer files: all [UNK]s
+        lengths = report.length_stats(texts, tokenizer, cfg.max_len, cfg.seed)
         tokens = tokenize(data, tokenizer, cfg.max_len, cfg.truncation)
     say(describe(data, names, cfg))
     say(report.describe_lengths(lengths, cfg.truncation))
     precision = accelerator.mixed_precision.replace("no", "fp32")
     attention = choose_attention(cfg.attention, accelerator.device.type, precision)
-    model = load_model(cfg, names, attention)
+    model = load_model(cfg, names, attention, pairs=is_pairs(data["train"]))
     optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
     loaders = make_loaders(tokens, tokenizer, cfg, accelerator.device.type, accelerator.num_processes)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
@@ -351,7 +353,7 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
     test_seconds, seconds = time.time() - test_started, state["train_seconds"]
     val_logits, audit_started = logits_of("validation"), time.time()
     audit_logits, audit_seconds = logits_of("audit"), time.time() - audit_started  # the label audit's cost
-    texts = {split: data[split]["text"] for split in ("test", "train")}
+    texts = {split: model_inputs(data[split]) for split in ("test", "train")}
     quality = analysis.assess(test_logits, val_logits, audit_logits, names, texts, cfg.threshold)
     test = {**scores(*test_logits, names, quality["threshold"]), **quality["test"]}  # multi: the tuned threshold
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
