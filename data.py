@@ -559,8 +559,8 @@ def tokenize(data, tokenizer, max_len, truncation="head"):
         encoded = encode(tokenizer, model_inputs(batch), max_len, truncation)
         ids = encoded["input_ids"]
         return {**encoded, "attention_mask": [[1] * len(row) for row in ids], "length": list(map(len, ids))}
-    texts = ["text", "text_pair"] if is_pairs(next(iter(data.values()))) else ["text"]
-    return data.map(encode_batch, batched=True, remove_columns=texts)
+    split = next(iter(data.values())) if isinstance(data, DatasetDict) else data  # a DatasetDict, or one Dataset
+    return data.map(encode_batch, batched=True, remove_columns=["text", "text_pair"] if is_pairs(split) else ["text"])
 
 
 def class_weights(labels, n_classes, how="none", device="cpu"):

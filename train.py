@@ -144,7 +144,7 @@ def split_logits(model, loader, accelerator):
     return logits[order], labels[order]
 
 
-def evaluate(model, loader, accelerator, names, threshold):
+def evaluate(model, loader, accelerator, names, threshold=0.5):
     """Metrics over the whole split (analysis.scores; multi-label labels at `threshold`)."""
     return scores(*split_logits(model, loader, accelerator), names, threshold)
 
