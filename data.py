@@ -370,6 +370,7 @@ def label_sets(ds, label_sep, split):
         if any(v is None or isinstance(v, (list, dict, float)) for v in values):
             raise UserError(f"the {split} split has a label list with {values}: labels are names or integers")
         return [name_of(v) for v in values]
+
     def to_sets(batch):
         texts = {name: [as_text(t) for t in batch[name]] for name in batch if name != "label"}  # text (and pair)
         return {**texts, "label": list(map(to_set, batch["label"]))}
