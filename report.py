@@ -1,6 +1,6 @@
 """What people look at after (and before) a run: token-length statistics, curves.png, confusion.png,
-calibration.png (multi-label: per_label.png instead of those two) and the model card best/README.md. Plain functions over the numbers train.py and analysis.py
-already have; matplotlib draws without a display."""
+calibration.png (multi-label: per_label.png instead of those two) and the model card best/README.md. Plain
+functions over the numbers train.py and analysis.py already have; matplotlib draws without a display."""
 import json
 import os
 import random
@@ -92,8 +92,8 @@ def describe_label_sets(test):
     tuned = (f"tuned on validation; at --threshold {flag['threshold']:g}: micro-F1 {flag['f1_micro']:.4f}"
              if test["threshold_tuned_on"] else "--threshold: no validation split to tune it on")
     wrong = round(test["n"] * (1 - test["exact_match"]))
-    return (f"Wrong label sets: {wrong:,} of {test['n']:,} test texts → errors.jsonl · threshold {test['threshold']:.2f} "
-            f"({tuned}); stored in best/config.json for predict.py")
+    return (f"Wrong label sets: {wrong:,} of {test['n']:,} test texts → errors.jsonl · threshold "
+            f"{test['threshold']:.2f} ({tuned}); stored in best/config.json for predict.py")
 
 
 def why_uncalibrated(metrics):
@@ -323,11 +323,13 @@ def good_enough(metrics, mistakes, shown=10):
     return lines
 
 
-def model_card(metrics, sizes, mistakes=()):
-    """best/README.md in the Hugging Face model-card format: YAML header, then what a reader wants to know."""
+def model_card(metrics, sizes, mistakes=(), pairs=False):
+    """best/README.md in the Hugging Face model-card format: YAML header, then what a reader wants to know. `pairs`:
+    the model reads text pairs (its usage example passes two texts)."""
     cfg, test = metrics["config"], metrics["test"]
     base_model, dataset = hub_id(cfg["model"]), hub_id(cfg["dataset"])
     sets = "exact_match" in test  # multi-label
+    example = '{"text": "The first text", "text_pair": "The second text"}' if pairs else '"Your text here"'
     named = [("micro-F1", "f1", "f1_micro"), ("macro-F1", "f1", "f1_macro"), ("samples-F1", "f1", "f1_samples"),
              ("exact match", "accuracy", "exact_match")] if sets else \
         [("accuracy", "accuracy", "accuracy"), ("macro-F1", "f1", "f1_macro")]
@@ -359,12 +361,13 @@ def model_card(metrics, sizes, mistakes=()):
               "## How to use", "", "```python", "from transformers import pipeline",
               'classify = pipeline("text-classification", model="path/to/this/folder"' +
               (", top_k=None)  # every label's probability" if sets else ")"),
-              f'[r["label"] for r in classify(["Your text here"])[0] if r["score"] >= {test["threshold"]:.2f}]' if sets
-              else 'classify("Your text here")', "```", ""]
+              f'[r["label"] for r in classify([{example}])[0] if r["score"] >= {test["threshold"]:.2f}]' if sets
+              else f"classify({example})", "```", ""]
     return "\n".join(lines)
 
 
 def write_model_card(metrics, sizes, folder, mistakes=()):
     card = folder / "README.md.tmp"
-    card.write_text(model_card(metrics, sizes, mistakes))
+    pairs = json.loads((folder / "config.json").read_text()).get("text_pair", False)  # the model reads pairs
+    card.write_text(model_card(metrics, sizes, mistakes, pairs))
     os.replace(card, card.with_suffix(""))  # atomic: the old card or the new one, never half of one

@@ -100,7 +100,7 @@ def test_predict_gives_the_labels_at_the_stored_threshold(learned):
 def test_metrics_are_scikit_learns():
     from sklearn.metrics import f1_score
     generator = torch.Generator().manual_seed(0)
-    truth, predicted = (torch.rand(50, 4, generator=generator) > 0.5).int(), (torch.rand(50, 4, generator=generator) > 0.5).int()
+    truth, predicted = ((torch.rand(50, 4, generator=generator) > 0.5).int() for _ in range(2))
     truth[0], predicted[0] = 0, 0  # no label, none predicted: right
     ours = label_set_metrics(truth.numpy(), predicted.numpy(), list("abcd"))
     for average in ("micro", "macro"):

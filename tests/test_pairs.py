@@ -79,6 +79,8 @@ def test_a_task_that_needs_both_texts_is_learned_and_not_from_one(pair_run, enco
     metrics, out = pair_run
     assert metrics["test"]["n"] == 104 and metrics["test"]["accuracy"] >= 0.9  # at most 102 of 104: 2 contradict
     assert json.loads((out / "best" / "config.json").read_text())["text_pair"] is True
+    card = (out / "best" / "README.md").read_text()
+    assert 'classify({"text": "The first text", "text_pair": "The second text"})' in card  # its usage: a pair
     one_text = train(resolve(model=encoder, dataset=pair_files[0], test_file=pair_files[1], text_column="sentence1",
                              output_dir=str(tmp_path / "one"), audit=False, **RUN))
     assert one_text["test"]["accuracy"] <= 0.65  # chance is 0.5: sentence1 alone does not tell
