@@ -296,8 +296,8 @@ def setup(cfg, accelerator, state, out):
         num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
     n = accelerator.num_processes
     say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · {precision}, "
-        f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × grad_accum "
-        f"{cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps")
+        f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × "
+        f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps")
     return cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths
 
 
@@ -379,7 +379,7 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
     say(report.describe_quality(metrics, sizes["train"]))
     say(f"Test {report.headline(test)} · n={test['n']:,} "
         f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
-        f"pipeline('text-classification', model='{out / 'best'}')")
+        f"pipeline('text-classification', model='{out / 'best'}'{', top_k=None' * (cfg.problem == 'multi_label')})")
     return metrics
 
 
