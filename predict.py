@@ -28,6 +28,7 @@ import os
 import sys
 from pathlib import Path
 
+import datasets
 import torch
 import transformers
 from tqdm.auto import tqdm
@@ -38,6 +39,7 @@ from data import FILE_FORMATS, TEXT_COLUMNS, encode, find_column, find_text_colu
 from runs import json_line
 
 transformers.utils.logging.disable_progress_bar()
+datasets.disable_progress_bars()  # reading a csv/jsonl --file: our output only
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.*", "*.model")  # fast tokenizers; WordPiece/BPE; SentencePiece
@@ -141,6 +143,8 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     if multi and min_confidence is not None:
         raise UserError("--min-confidence is for single-label models: a multi-label model predicts each label at its "
                         "threshold (--threshold)")
+    if not multi and threshold is not None:
+        raise UserError("--threshold is for multi-label models: a single-label model abstains below --min-confidence")
     pairs = reads_pairs(model)
     texts = check_inputs(texts, pairs)
     special = tokenizer.num_special_tokens_to_add(pair=pairs)

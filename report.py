@@ -44,14 +44,14 @@ def describe_lengths(stats, truncation="head"):
     return line
 
 
-def new_weights(info, prefix, n_classes, model):
+def new_weights(info, prefix, outputs, model):
     """The weights from_pretrained did not find in the checkpoint: the new classification head, as expected; and a
     warning for any of the encoder (its name begins with `prefix`): the checkpoint does not match the architecture."""
     new = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
     head, body = [k for k in new if not k.startswith(prefix)], [k for k in new if k.startswith(prefix)]
     if head:
         say(f"New classification head ({', '.join(sorted({k.rsplit('.', 1)[0] for k in head}))}) for "
-            f"{n_classes} classes, randomly initialized: this is what fine-tuning trains")
+            f"{outputs}, randomly initialized: this is what fine-tuning trains")
     if body:
         say(f"Warning: {len(body)} weight(s) of the encoder were not in {model} and start random: "
             f"{', '.join(body[:4])}{'...' if len(body) > 4 else ''}", file=sys.stderr)

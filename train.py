@@ -109,7 +109,8 @@ def load_model(cfg, names, attention="sdpa", pairs=False):
         transformers.logging.set_verbosity(verbosity)
     model.config.truncation = cfg.truncation  # saved in best/config.json: predict.py cuts long texts alike
     model.config.text_pair = pairs  # and predict.py reads (text, pair) tuples, or "first<TAB>second" lines
-    report.new_weights(info, model.base_model_prefix, len(names), cfg.model)  # the new head; a warning if more
+    outputs = f"{len(names)} {'labels' if cfg.problem == 'multi_label' else 'classes'}"
+    report.new_weights(info, model.base_model_prefix, outputs, cfg.model)  # the new head; a warning if more
     return model
 
 

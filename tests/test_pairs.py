@@ -11,7 +11,7 @@ from accelerate import Accelerator
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, BertTokenizer,
                           DataCollatorWithPadding)
 
-from toy import FILLER, NEGATIVE, POSITIVE, SPECIAL, write_csv
+from toy import FILLER, NEGATIVE, POSITIVE, SPECIAL, write_csv, write_tiny_model
 from config import UserError, resolve
 from data import fingerprint, load_data, make_loaders, tokenize
 from analysis import scores
@@ -47,14 +47,17 @@ def contradictions(n, seed):
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_model, toy_csv, tmp_path_factory):
-    """The tiny model fine-tuned on the toy sentiment task first: an encoder that knows the words' sentiment, as a
-    pretrained one would. From its random weights the tiny model does not find the pairs' XOR in seconds (tried:
-    20 epochs at chance); from this one, 6 epochs learn it (1.0 test accuracy in each of 9 tries, each from another
-    random tiny model)."""
-    out = tmp_path_factory.mktemp("encoder")
-    train(resolve(model=tiny_model, dataset=toy_csv, output_dir=str(out), audit=False, **RUN))
-    return str(out / "best")
+def encoder(toy_csv, tmp_path_factory):
+    """A tiny model fine-tuned on the toy sentiment task first: an encoder that knows the words' sentiment, as a
+    pretrained one would. From random weights the tiny model does not find the pairs' XOR in seconds (tried: 20
+    epochs at chance). From this one 6 epochs learn it, but not from every initialization of so small a model: of
+    the seeds 0 to 3, seeds 1 and 3 reached 0.98 test accuracy, 0 and 2 stayed at 0.5 (all four learned the sentiment
+    task itself, 0.975 to 1.0). Hence its own seed, and a check that the warm-up worked."""
+    folder = tmp_path_factory.mktemp("encoder")
+    model = write_tiny_model(folder / "random", seed=1)
+    metrics = train(resolve(model=model, dataset=toy_csv, output_dir=str(folder / "run"), audit=False, **RUN))
+    assert metrics["test"]["accuracy"] >= 0.95
+    return str(folder / "run" / "best")
 
 
 @pytest.fixture(scope="module")

@@ -71,6 +71,12 @@ def test_not_a_model_folder(tmp_path):
         load_classifier(str(tmp_path))
 
 
+def test_threshold_is_refused_for_a_single_label_model(trained):
+    run = cli(trained, "A wonderful film.", "--threshold", "0.5")
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: --threshold is for multi-label models: a single-label model abstains below --min-confidence"]
+
+
 def test_onnx_export_matches_pytorch_and_int8_predicts(trained):
     from export import main
     main([str(trained)])  # checks on the run's own test split, found through its metrics.json

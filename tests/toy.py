@@ -62,15 +62,20 @@ def write_csv(path, rows, header=("text", "label")):
     return path
 
 
-def write_tiny_model(folder, dropout=0.0):
-    """A 2-layer, 32-wide DistilBERT (random weights) and its tokenizer, saved like a Hub checkpoint."""
+def write_tiny_model(folder, dropout=0.0, seed=0):
+    """A 2-layer, 32-wide DistilBERT (random weights, seeded) and its tokenizer, saved like a Hub checkpoint. The
+    seed makes the weights the same whichever tests ran first: unseeded, a test that trains it passed or failed
+    by the order of the tests (a few initializations of so small a model never leave chance on the toy task)."""
+    import torch
     from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizer
     vocab = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER))
     DistilBertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, model_max_length=64).save_pretrained(folder)
     config = DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                               max_position_embeddings=64, dropout=dropout, attention_dropout=dropout,
                               seq_classif_dropout=dropout)
-    DistilBertModel(config).save_pretrained(folder)
+    with torch.random.fork_rng():  # the caller's random numbers go on as if this had not drawn any
+        torch.manual_seed(seed)
+        DistilBertModel(config).save_pretrained(folder)
     return str(folder)
 
 
