@@ -73,12 +73,12 @@ def scores(logits, labels, names, threshold=0.5):
 def tune_threshold(logits, labels):
     """The threshold (of THRESHOLDS) with the best micro-F1 on these (validation) examples; of equals, the one
     nearest 0.5."""
-    probs, truth = logits.double().sigmoid()[None], labels.bool()[None]
-    predicted = probs >= torch.tensor(THRESHOLDS, dtype=torch.double)[:, None, None]
-    tp = (predicted & truth).sum((1, 2)).double()
-    f1 = 2 * tp / (predicted.sum((1, 2)) + truth.sum()).clamp(min=1)
-    best = max(range(len(THRESHOLDS)), key=lambda i: (round(float(f1[i]), 12), -abs(THRESHOLDS[i] - 0.5)))
-    return float(THRESHOLDS[best])
+    probs, truth = logits.double().sigmoid(), labels.bool()
+
+    def micro_f1(threshold):
+        predicted = probs >= threshold
+        return 2 * int((predicted & truth).sum()) / max(int(predicted.sum() + truth.sum()), 1)
+    return float(max(THRESHOLDS, key=lambda t: (round(micro_f1(t), 12), -abs(t - 0.5))))
 
 
 def nll(logits, labels, temperature=1.0):
@@ -198,9 +198,9 @@ def wrong_label_sets(probs, labels, texts, names, threshold):
     """Multi-label errors.jsonl: every test text whose predicted label set is not its true one, the surest wrong
     decision (the probability farthest on the wrong side of the threshold) first."""
     predicted = probs >= threshold
-    wrong = (predicted != labels.bool()).any(1)
-    sureness = torch.where(predicted != labels.bool(), (probs - threshold).abs(), torch.zeros_like(probs)).amax(1)
-    order = [i for i in torch.sort(sureness, descending=True, stable=True).indices.tolist() if wrong[i]]
+    wrong = predicted != labels.bool()  # each wrong decision
+    sureness = torch.where(wrong, (probs - threshold).abs(), torch.zeros_like(probs)).amax(1)
+    order = [i for i in torch.sort(sureness, descending=True, stable=True).indices.tolist() if wrong[i].any()]
     label_set = lambda row: [name for name, on in zip(names, row) if on]  # noqa: E731
     return [{**given(texts[i]), "labels": label_set(labels[i].tolist()), "predicted": label_set(predicted[i].tolist()),
              "probs": {name: float(p) for name, p in zip(names, probs[i].tolist())}} for i in order]

@@ -316,10 +316,14 @@ def standardize(ds, cfg, split, problem=None):
     if any(kind != "text" for kind in kinds):  # to strings: ClassLabel ids to names, 1 to "1"
         def to_strings(batch):
             labels = [label_feature.int2str(v) for v in batch["label"]] if ordered else map(as_text, batch["label"])
-            texts = {name: [as_text(t) for t in batch[name]] for name in batch if name != "label"}
-            return {**texts, "label": list(labels)}
+            return {**texts_as_strings(batch), "label": list(labels)}
         ds = ds.map(to_strings, batched=True, features=Features({name: Value("string") for name in ds.column_names}))
     return ds, ordered
+
+
+def texts_as_strings(batch):
+    """The text columns of a batch (text, and text_pair for pairs: every column but the label) as strings."""
+    return {name: [as_text(t) for t in batch[name]] for name in batch if name != "label"}
 
 
 LIST_IN_TEXT = re.compile(r"\s*\[.*\]\s*", re.S)
@@ -372,8 +376,7 @@ def label_sets(ds, label_sep, split):
         return [name_of(v) for v in values]
 
     def to_sets(batch):
-        texts = {name: [as_text(t) for t in batch[name]] for name in batch if name != "label"}  # text (and pair)
-        return {**texts, "label": list(map(to_set, batch["label"]))}
+        return {**texts_as_strings(batch), "label": list(map(to_set, batch["label"]))}
     features = Features({name: Value("string") for name in ds.column_names})
     features["label"] = datasets.Sequence(Value("string"))
     ds = ds.map(to_sets, batched=True, features=features)
@@ -389,6 +392,8 @@ def label_values(ds):
     """The distinct labels of a split (strings): every class name in it."""
     labels = ds["label"]
     return set(itertools.chain.from_iterable(labels)) if is_multi_label(ds) else set(labels)
+
+
 def is_pairs(ds):
     """Whether a split holds text pairs (a `text_pair` column next to `text`)."""
     return "text_pair" in ds.column_names
@@ -683,7 +688,7 @@ def describe(data, names, cfg):
     labels = torch.as_tensor(data["train"]["label"])
     if labels.ndim == 2:
         counts = labels.sum(0).int().tolist()
-        line = f"Data: {sizes} · {len(names)} labels {listed} · " + describe_label_sets(data, names)
+        line = f"Data: {sizes} · {len(names)} labels {listed} · " + describe_label_sets(labels, data, names)
     else:
         counts = torch.bincount(labels, minlength=len(names)).tolist()
         line = f"Data: {sizes} · {len(names)} classes {listed}"
@@ -698,9 +703,9 @@ def describe(data, names, cfg):
     return line
 
 
-def describe_label_sets(data, names):
-    """Multi-label: labels per text, texts without any, and the labels a (random) split happens to lack."""
-    labels = torch.as_tensor(data["train"]["label"])
+def describe_label_sets(labels, data, names):
+    """Multi-label: labels per training text (`labels`, their 0/1 rows), texts without any, and the labels a (random)
+    split happens to lack."""
     line = f"multi-label: {labels.sum(1).mean():.2f} per training text, {int((labels.sum(1) == 0).sum()):,} with none"
     for split in ("validation", "test"):
         absent = [names[i] for i in torch.as_tensor(data[split]["label"]).sum(0).eq(0).nonzero()[:, 0].tolist()] \
