@@ -176,11 +176,11 @@ def print_report(report):
 def print_files(report, model_dir, out):
     """Where the files are, which belong together, and how to feed them."""
     def described(name, what):
-        path = Path(report["files"][name])
+        path = Path(report["files"][name]).resolve()
         inside = "weights inside" if report["one_file"] else f"weights in {path.name}.data beside it: keep both"
         return f"{path} ({what}, {report[name]['size_mb']:g} MB, {inside})"
     print(f"Wrote {described('onnx', 'fp32')}\n  and {described('onnx_int8', 'int8')}; the check: "
-          f"{out / 'report.json'}")
+          f"{(out / 'report.json').resolve()}")
     print(f"They take token ids: tokenize with {model_dir}'s tokenizer, at most {report['max_len']} tokens "
           f"(truncation {report['truncation']}), as predict.py does")
 
