@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from accelerate import PartialState
@@ -72,29 +72,48 @@ def run_name(cfg):
 @contextmanager
 def locked(out):
     """An OS lock on out/.lock while this run uses the folder (released on any exit, a kill too): a second run on
-    the same folder is refused, naming the holder. The main process holds it for all processes of a run."""
+    the same folder is refused, naming the holder, and touches nothing. The main process holds it for all processes
+    of a run."""
     if not PartialState().is_main_process:
         yield
         return
-    handle = open(out / ".lock", "a+")
+    handle = lock_file(out)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(f"{out} is in use by another run ({holder}); wait for it to end or choose another "
-                            "--output-dir") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
         yield
     finally:
+        if [p.name for p in out.iterdir()] == [".lock"]:  # refused before it wrote anything: no litter, removed
+            (out / ".lock").unlink()  # while the lock is held, so no other run is using this folder
+            with suppress(OSError):  # not empty: another run has just come to it
+                out.rmdir()
         handle.close()  # releases the lock
-        if [p.name for p in out.iterdir()] == [".lock"]:  # a run refused before it wrote anything: no litter
-            (out / ".lock").unlink(missing_ok=True)
-            out.rmdir()
+
+
+def lock_file(out):
+    """out/.lock, open and locked by this process; a UserError when another run holds it. Only the holder removes
+    the file (locked: a run refused before writing anything): a lock taken on the file it removed guards nothing, so
+    then the lock is taken again, on a new out/.lock."""
+    while True:
+        out.mkdir(parents=True, exist_ok=True)  # the holder may have removed the folder too
+        try:
+            handle = open(out / ".lock", "a+")
+        except FileNotFoundError:  # ... just now
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{out} is in use by another run ({holder}); wait for it to end or choose another "
+                            "--output-dir") from None
+        with suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(out / ".lock"), os.fstat(handle.fileno())):
+                return handle
+        handle.close()
 
 
 def holds_run(out):

@@ -4,9 +4,12 @@ any phase, a full disk."""
 import errno
 import fcntl
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import signal
+import sys
 
 import pytest
 from accelerate import Accelerator
@@ -34,6 +37,65 @@ def test_a_second_run_on_a_locked_folder_is_refused(quick, tmp_path):
         with pytest.raises(UserError, match=r"in use by another run \(pid 4242 on somehost"):
             train(resolve(**quick, output_dir=str(out)))
     assert train(resolve(**quick, output_dir=str(out)))["test"]["n"] == 80  # the lock goes with its holder
+
+
+def contend(settings, start, holding, refused, stderr):
+    """One of two runs started at once on one folder (a forked process). The one that gets the lock stops there, as
+    if loading its data (its folder holds only .lock), until the other has been refused; then it exits with 0 if its
+    lock is still its own and in place, else 3. The other goes through train.py's main (exit code 2)."""
+    sys.stderr = open(stderr, "w")
+    check_output_dir = train_module.check_output_dir
+
+    def holding_the_lock(out, cfg):
+        check_output_dir(out, cfg)
+        holding.set()
+        refused.wait(30)
+        lock = out / ".lock"
+        raise SystemExit(0 if lock.is_file() and lock.read_text().startswith(f"pid {os.getpid()} ") else 3)
+    train_module.check_output_dir = holding_the_lock
+    start.wait()
+    train_module.main(resolve(**settings))
+
+
+def test_of_two_runs_started_at_once_on_one_folder_the_refused_one_touches_nothing(quick, tmp_path):
+    context = multiprocessing.get_context("fork")  # cheap: no imports again
+    for attempt in range(20):
+        out = tmp_path / f"out{attempt}"
+        start, holding, refused = context.Barrier(2), context.Event(), context.Event()
+        contenders = [context.Process(target=contend, args=({**quick, "output_dir": str(out)}, start, holding, refused,
+                                                       tmp_path / f"stderr{attempt}-{i}")) for i in range(2)]
+        for run in contenders:
+            run.start()
+        assert holding.wait(30), "no run got the lock"
+        first_to_end = multiprocessing.connection.wait([run.sentinel for run in contenders], timeout=30)
+        assert len(first_to_end) == 1, "both runs ended, or none, while one held the lock"
+        loser = next(i for i, run in enumerate(contenders) if run.sentinel in first_to_end)
+        refused.set()
+        for run in contenders:
+            run.join(30)
+        assert contenders[loser].exitcode == 2 and contenders[1 - loser].exitcode == 0  # 3: the winner's lock was touched
+        assert re.fullmatch(r"error: \S+ is in use by another run \((pid \d+ on \S+ since [\d: -]+|another process)\); "
+                            r"wait for it to end or choose another --output-dir\n",
+                            (tmp_path / f"stderr{attempt}-{loser}").read_text())
+        assert not out.exists()  # the winner wrote nothing: its own clean-up removed the folder
+
+
+def test_a_lock_taken_as_its_holder_removed_it_is_taken_again(tmp_path, monkeypatch):
+    """A run that opened out/.lock just before its holder (refused before it wrote anything) removed the file and the
+    folder, and then got the lock of the removed file: it locks a new out/.lock, which a third run finds locked."""
+    out = tmp_path / "out"
+    out.mkdir()
+    flock = fcntl.flock
+
+    def holder_leaves_first(handle, operation):
+        monkeypatch.setattr(runs.fcntl, "flock", flock)
+        (out / ".lock").unlink()
+        out.rmdir()
+        flock(handle, operation)
+    monkeypatch.setattr(runs.fcntl, "flock", holder_leaves_first)
+    with runs.locked(out):
+        with open(out / ".lock") as third, pytest.raises(BlockingIOError):
+            fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_default_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
