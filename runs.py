@@ -404,7 +404,7 @@ def stop_on_signals(out):
     writes a checkpoint first; it is shared by all processes (accelerate's trigger), so they stop together.
     Elsewhere (reading data, validating, testing) it stops at once. A second Ctrl-C stops at once."""
     def request_stop(signum, frame):
-        signal.signal(signum, previous[signum])
+        signal.signal(signum, signal.default_int_handler)  # the second: KeyboardInterrupt, wherever the run is
         if STOP["accelerator"] is None:
             raise KeyboardInterrupt
         STOP["accelerator"].set_trigger()

@@ -9,16 +9,28 @@ Read top to bottom: model -> optimizer/schedule -> loop -> validate -> save best
 (reading, splits, tokenizing, batches) is in data.py; the output folder (checkpoints, resume, safe writes) in
 runs.py. In a notebook: `from train import train; metrics = train(Config(...))`.
 """
+import os
+import signal
 import sys
 
 from config import Config, UserError, parse_args_or_exit, settle
 
-if __name__ == "__main__":  # --help and a bad flag answer at once, before the imports below (seconds)
+
+def interrupted_before_the_run(signum, frame):
+    """Ctrl-C or SIGTERM before train() takes them over (runs.stop_on_signals), as during the imports below (seconds):
+    one line and exit code 130, as in every later phase, not a traceback (Ctrl-C) nor a silent exit 143 (SIGTERM)."""
+    if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): the main one speaks
+        print("\nInterrupted before the run started: nothing written", flush=True)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # before the imports below: --help and a bad flag answer at once, and a stop is one line
+    signal.signal(signal.SIGINT, interrupted_before_the_run)
+    signal.signal(signal.SIGTERM, interrupted_before_the_run)
     CLI_CONFIG = parse_args_or_exit()
 
 import dataclasses
 import math
-import os
 import time
 from contextlib import nullcontext
 

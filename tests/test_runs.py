@@ -9,6 +9,7 @@ import multiprocessing.connection
 import os
 import re
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import runs
 import train as train_module
+from conftest import ROOT
 from config import UserError, resolve
 from toy import toy_examples, write_csv
 from train import train
@@ -216,6 +218,34 @@ def test_sigterm_outside_the_steps_stops_the_run(quick, tmp_path, monkeypatch, c
     assert any(line.startswith("Interrupted") for line in capsys.readouterr().out.splitlines())
     assert re.search(kept, runs.what_is_kept(tmp_path / "out"))
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored for the notebook
+
+
+HELD_AT_ITS_IMPORTS = """
+import runpy, sys
+class Held:  # the first import of datasets (train.py's first heavy import) says so, then waits for the signal
+    def find_spec(self, name, path=None, target=None):
+        if name == "datasets":
+            sys.meta_path.remove(self)
+            print("importing datasets", flush=True)
+            sys.stdin.readline()
+sys.meta_path.insert(0, Held())
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_the_imports_is_one_line_and_exit_130(quick, tmp_path, signum):
+    """python train.py, stopped inside its imports (they take seconds): no traceback, no silent exit 143."""
+    flags = ["--model", quick["model"], "--dataset", quick["dataset"], "--output-dir", str(tmp_path / "out")]
+    process = subprocess.Popen([sys.executable, "-c", HELD_AT_ITS_IMPORTS, *flags], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "importing datasets\n"
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stdout.strip(), stderr) == (130, "Interrupted before the run started: nothing written",
+                                                            "")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_full_disk_is_one_line(quick, tmp_path, monkeypatch):
