@@ -200,11 +200,11 @@ def checkpoint_step(out):
     return json.loads(state_file.read_text())["step"] if state_file.is_file() else None
 
 
-def what_is_kept(out):
-    """The line that ends an interrupted run: what it leaves, and how to go on."""
+def what_is_kept(out, cfg):
+    """The line that ends an interrupted run: what it leaves, and how to go on (--resume refuses --overwrite)."""
     if checkpoint_step(out) is not None:
-        line = (f"Interrupted: checkpoint saved at step {checkpoint_step(out)}. Resume with the same flags plus: "
-                f"--output-dir {out} --resume")
+        line = (f"Interrupted: checkpoint saved at step {checkpoint_step(out)}. Resume with the same flags"
+                f"{' without --overwrite' if cfg.overwrite else ''} plus: --output-dir {out} --resume")
     else:
         line = "Interrupted before the first checkpoint: nothing to resume (running again starts over)"
     if (out / ".replaced").exists():
@@ -398,7 +398,7 @@ STOP = {"accelerator": None}  # set while training steps run: a stop request the
 
 
 @contextmanager
-def stop_on_signals(out):
+def stop_on_signals(out, cfg):
     """Ctrl-C or SIGTERM, at any phase, end the run with KeyboardInterrupt (exit code 130, and a line saying what
     is kept). During the training steps (graceful_stop) the request waits for the next optimizer step, which
     writes a checkpoint first; it is shared by all processes (accelerate's trigger), so they stop together.
@@ -416,7 +416,7 @@ def stop_on_signals(out):
     try:
         yield
     except KeyboardInterrupt:
-        say(f"\n{what_is_kept(out)}")
+        say(f"\n{what_is_kept(out, cfg)}")
         raise
     finally:
         for s, handler in previous.items():

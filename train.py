@@ -325,7 +325,7 @@ def train(cfg: Config):
     AcceleratorState._reset_state()  # accelerate keeps its settings per process: a notebook's next run may differ
     PartialState(cpu=several_cpu_processes)  # the processes meet first: they must agree on the output folder
     out = choose_output_dir(cfg)
-    with locked(out), stop_on_signals(out):
+    with locked(out), stop_on_signals(out, cfg):
         check_output_dir(out, cfg)
         state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
         accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,

@@ -216,8 +216,24 @@ def test_sigterm_outside_the_steps_stops_the_run(quick, tmp_path, monkeypatch, c
     with pytest.raises(KeyboardInterrupt):  # main() turns it into exit code 130
         train(resolve(**quick, **settings, output_dir=str(tmp_path / "out")))
     assert any(line.startswith("Interrupted") for line in capsys.readouterr().out.splitlines())
-    assert re.search(kept, runs.what_is_kept(tmp_path / "out"))
+    assert re.search(kept, runs.what_is_kept(tmp_path / "out", resolve(**quick)))
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored for the notebook
+
+
+def test_an_interrupted_overwrite_says_how_to_resume_it(quick, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    train(resolve(**quick, output_dir=str(out)))
+    earlier = (out / "metrics.json").read_text()
+    signal_during(monkeypatch, "split_logits")  # the test split, after the checkpoint of the only epoch
+    again = {**quick, "val_fraction": 0, "seed": 7, "output_dir": str(out)}
+    with pytest.raises(KeyboardInterrupt):
+        train(resolve(**again, overwrite=True))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"Interrupted: checkpoint saved at step 20. Resume with the same flags without --overwrite "
+                           f"plus: --output-dir {out} --resume. The earlier run's outputs wait in {out / '.replaced'}")
+    assert json.loads((out / ".replaced" / "metrics.json").read_text()) == json.loads(earlier)
+    metrics = train(resolve(**again, resume=True))  # what the line says: the same flags, --overwrite left out
+    assert metrics["config"]["seed"] == 7 and not (out / ".replaced").exists()
 
 
 HELD_AT_ITS_IMPORTS = """
