@@ -317,7 +317,8 @@ def start_tracker(cfg, accelerator):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: everything --resume needs to continue exactly where a run stopped
 
-RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every", "audit"}
+RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every", "audit",
+                     "keep_checkpoint"}
 
 
 def new_state(cfg):
@@ -361,7 +362,25 @@ def read_checkpoint_state(out, cfg):
         raise UserError(f"cannot resume {out} with other settings ({'; '.join(changed)}): they would change the "
                         "result; resume with the run's own flags (only --epochs may change) or start a new run")
     state["config"] = now
-    return {**new_state(cfg), **state}  # a checkpoint from before a key was added: that key's start value
+    state = {**new_state(cfg), **state}  # a checkpoint from before a key was added: that key's start value
+    if epochs_left(state, cfg) and [p.name for p in (out / "checkpoint").iterdir()] == ["state.json"]:
+        raise UserError(f"{out} finished, and a finished run keeps only checkpoint/state.json, not the weights and "
+                        f"optimizer state that training on to --epochs {cfg.epochs} needs (unless it ran with "
+                        "--keep-checkpoint); start a new run, with --keep-checkpoint to extend it later")
+    return state
+
+
+def epochs_left(state, cfg):
+    """Whether a run (resumed, with `state` from its checkpoint) has training steps to do."""
+    return state["stopped"] is None and state["epoch"] <= cfg.epochs
+
+
+def drop_checkpoint_weights(out):
+    """What a finished run keeps of checkpoint/ without --keep-checkpoint: state.json (where it stopped, its log and
+    config; small). The weights, optimizer state and random states (about 3x the model) only serve to train on."""
+    for path in (out / "checkpoint").iterdir():
+        if path.name != "state.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def load_checkpoint(accelerator, out):

@@ -75,7 +75,7 @@ def test_of_two_runs_started_at_once_on_one_folder_the_refused_one_touches_nothi
         refused.set()
         for run in contenders:
             run.join(30)
-        assert contenders[loser].exitcode == 2 and contenders[1 - loser].exitcode == 0  # 3: the winner's lock was touched
+        assert contenders[loser].exitcode == 2 and contenders[1 - loser].exitcode == 0  # 3: the winner's lock touched
         assert re.fullmatch(r"error: \S+ is in use by another run \((pid \d+ on \S+ since [\d: -]+|another process)\); "
                             r"wait for it to end or choose another --output-dir\n",
                             (tmp_path / f"stderr{attempt}-{loser}").read_text())
@@ -135,6 +135,7 @@ def test_nan_without_a_checkpoint_does_not_claim_one(quick, tmp_path):
         train(resolve(**nan, output_dir=str(tmp_path / "a")))
     with pytest.raises(UserError, match=r"loss became nan at step \d+: .*; the checkpoint at step \d+ is kept"):
         train(resolve(**nan, checkpoint_every=1, output_dir=str(tmp_path / "b")))
+    assert list((tmp_path / "b" / "checkpoint").glob("model*.safetensors"))  # a failed run too
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_not_protected(quick, tmp_path):
@@ -174,7 +175,7 @@ def test_best_is_loadable_at_every_instant_of_a_save(quick, tmp_path, monkeypatc
 
 def test_damaged_checkpoint_is_one_line(quick, tmp_path):
     out = tmp_path / "out"
-    train(resolve(**quick, output_dir=str(out)))
+    train(resolve(**quick, output_dir=str(out), keep_checkpoint=True))
     weights = next((out / "checkpoint").glob("model*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UserError, match="the checkpoint in .* is damaged"):
@@ -187,7 +188,7 @@ def test_damaged_checkpoint_is_one_line(quick, tmp_path):
 def test_resume_on_changed_data_is_refused(quick, tmp_path):
     data = write_csv(tmp_path / "data.csv", toy_examples(400))
     out = tmp_path / "out"
-    train(resolve(**{**quick, "dataset": str(data)}, output_dir=str(out)))
+    train(resolve(**{**quick, "dataset": str(data)}, output_dir=str(out), keep_checkpoint=True))
     rows = toy_examples(400)
     rows[0] = (rows[0][0], "pos" if rows[0][1] == "neg" else "neg")  # one label changed
     write_csv(data, rows)
@@ -228,6 +229,7 @@ def test_an_interrupted_overwrite_says_how_to_resume_it(quick, tmp_path, monkeyp
     again = {**quick, "val_fraction": 0, "seed": 7, "output_dir": str(out)}
     with pytest.raises(KeyboardInterrupt):
         train(resolve(**again, overwrite=True))
+    assert list((out / "checkpoint").glob("model*.safetensors"))  # an interrupted run keeps its checkpoint whole
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith(f"Interrupted: checkpoint saved at step 20. Resume with the same flags without --overwrite "
                            f"plus: --output-dir {out} --resume. The earlier run's outputs wait in {out / '.replaced'}")
