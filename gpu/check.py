@@ -1,7 +1,7 @@
 """The GPU check: the main job, bench.py's three rows, fp16 and --compile, and the real MiniLM, in one command.
 
     bash gpu/check.sh "$OUT"              # on a CUDA machine (run gpu/prepare.sh here first: it prints the call)
-    bash gpu/check.sh OUTDIR --dry-run    # the same steps on this CPU at a tiny size, so that the check cannot rot
+    bash gpu/check.sh --dry-run           # the same steps on this CPU at a tiny size, so that the check cannot rot
 
 Every step is a process of its own (`python train.py ...`, `python bench.py ...`) with a time limit of its own,
 inside one budget (7.5 minutes on the GPU), so that a failure or a timeout costs that step alone: its error is
@@ -401,7 +401,7 @@ def main(argv):
     finally:
         check.write()
         shutil.rmtree(check.work, ignore_errors=True)
-    print((check.out / "gpu_check.txt").read_text(), end="")
+    print((check.out / "gpu_check.txt").read_text() + f"Written to {check.out}/: gpu_check.json, .txt, .log")
     return 0 if all(e["status"] == "ok" for e in check.report["steps"].values()) else 1
 
 

@@ -2,26 +2,22 @@
 # The GPU check, in one command from the repository root (gpu/check.py says what it measures):
 #
 #     bash gpu/check.sh "$OUT"              # on the GPU machine, after gpu/prepare.sh here (it prints the call)
-#     bash gpu/check.sh OUTDIR --dry-run    # here, on the CPU, at a tiny size; needs neither the wheels nor prepare
+#     bash gpu/check.sh --dry-run           # here, on the CPU, at a tiny size; needs neither the wheels nor prepare
 #
-# Writes OUTDIR/gpu_check.json, gpu_check.txt and gpu_check.log; exits 0 when every step passed, 1 when one did
-# not (the others still ran), 2 for a usage error.
+# Writes OUTDIR (else $OUT, else runs/gpu-check)/gpu_check.json, gpu_check.txt and gpu_check.log; exits 0 when every
+# step passed, 1 when one did not (the others still ran), 2 for a usage error.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 dry= outdir=
 for arg in "$@"; do
     case $arg in
         --dry-run) dry=--dry-run ;;
         -*) echo "error: unknown option $arg (usage: bash gpu/check.sh [OUTDIR] [--dry-run])" >&2; exit 2 ;;
-        *) outdir=$arg ;;
+        *) outdir=$(realpath -m "$arg") ;;  # as given, from where it was called
     esac
 done
-outdir=${outdir:-${OUT:-}}
-if [ -z "$outdir" ]; then
-    echo "error: name the output folder (bash gpu/check.sh OUTDIR [--dry-run]) or set OUT" >&2
-    exit 2
-fi
+cd "$(dirname "$0")/.."
+outdir=${outdir:-${OUT:-runs/gpu-check}}  # runs/ is ignored: what a check writes there never travels
 if [ -z "$dry" ]; then
     if [ ! -d gpu/carry/site ]; then
         echo "error: gpu/carry is missing: run bash gpu/prepare.sh first, and carry gpu/carry and .whl" >&2
