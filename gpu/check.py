@@ -305,7 +305,8 @@ def fp16(check, until):
     precision = "bf16" if check.dry else "fp16"
     n = str(check.size["brief_samples"])
     flags = imdb_flags(check) + check.size["main_flags"] + ["--precision", precision, "--epochs", "1", "--log-every",
-                                                            "10", "--train-samples", n, "--eval-samples", n]
+                                                            "10", "--train-samples", n, "--eval-samples", n,
+                                                            "--keep-checkpoint"]  # its scaler and schedule are read
     run = train_run(check, "fp16", flags, until)
     skipped, scale = scaler_readings(check.work / "fp16" / "checkpoint")
     losses = [e["train_loss"] for e in run["epochs"]] + run["step_losses"]
