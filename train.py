@@ -46,8 +46,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import analysis
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
-from data import (check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs, load_data,
-                  make_loaders, model_inputs, offline_hint, tokenize, use_cache_only_if_offline)
+from data import (absolute_paths, check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs,
+                  load_data, make_loaders, model_inputs, offline_hint, tokenize, use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir, discard_earlier_run,
                   drop_checkpoint_weights, epochs_left, failed_run, graceful_stop, load_checkpoint, locked, log_step,
                   model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
@@ -121,6 +121,7 @@ def load_model(cfg, names, attention="sdpa", pairs=False):
         transformers.logging.set_verbosity(verbosity)
     model.config.truncation = cfg.truncation  # saved in best/config.json: predict.py cuts long texts alike
     model.config.text_pair = pairs  # and predict.py reads (text, pair) tuples, or "first<TAB>second" lines
+    model.config.max_len = cfg.max_len  # and cuts them at the length the model was trained and tested at
     outputs = f"{len(names)} {'labels' if cfg.problem == 'multi_label' else 'classes'}"
     report.new_weights(info, model.base_model_prefix, outputs, cfg.model)  # the new head; a warning if more
     return model
@@ -289,11 +290,15 @@ def setup(cfg, accelerator, state, out):
         data, names = load_data(cfg)
         cfg = settle(cfg, is_multi_label(data["train"]))  # the problem (multi-label?) and metric-for-best's auto
         check_same_inputs(state, "data", fingerprint(data, names), out)  # a resumed run: the same data
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                                  truncation_side="left" if cfg.truncation == "tail" else "right")
         texts = model_inputs(data["train"])  # the texts, or (text, pair) tuples
         check_tokenizer(tokenizer, texts, cfg.model)  # no tokenizer files: all [UNK]s
         lengths = report.length_stats(texts, tokenizer, cfg.max_len, cfg.seed)
         tokens = tokenize(data, tokenizer, cfg.max_len, cfg.truncation)
+    # saved in best/ with the tokenizer (and truncation_side): a plain pipeline(..., truncation=True) then cuts where
+    # training did, keeping the end for --truncation tail (head+tail is predict.py's alone)
+    tokenizer.model_max_length = cfg.max_len
     say(describe(data, names, cfg))
     say(report.describe_lengths(lengths, cfg.truncation))
     precision = accelerator.mixed_precision.replace("no", "fp32")
@@ -373,7 +378,8 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
     test = {**scores(*test_logits, names, quality["threshold"]), **quality["test"]}  # multi: the tuned threshold
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
-               "config": dataclasses.asdict(cfg), "output_dir": str(out), "precision": precision,
+               "config": dataclasses.asdict(absolute_paths(cfg)),  # local data paths absolute: found from anywhere
+               "output_dir": str(out), "precision": precision,
                "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:
                "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
                "audit": None if audit_logits is None else {"n": sizes["train"], "suspects": len(quality["suspects"])},
