@@ -373,8 +373,8 @@ def lora_sentence(lora):
     """What LoRA trained, from the adapter's own config (its targets: peft's resolved layer names, shortened)."""
     layers = sorted({name.rsplit(".", 1)[-1] for name in lora["target_modules"]} - set(lora["modules_to_save"]))
     return (f" Fine-tuned with LoRA (r={lora['r']}, alpha {lora['lora_alpha']}, dropout {lora['lora_dropout']}) on "
-            f"the layers {', '.join(layers)}, the classification head trained in full. The LoRA updates are merged into this model's weights; `adapter/` holds them alone (peft), for use "
-            "on the base model.")
+            f"the layers {', '.join(layers)}, the classification head trained in full. The LoRA updates are merged "
+            "into this model's weights; `adapter/` holds them alone (peft), for use on the base model.")
 
 
 def write_model_card(metrics, sizes, folder, mistakes=()):

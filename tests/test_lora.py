@@ -68,7 +68,7 @@ def lora_run(encoder, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "out"
     train_csv, test_csv = data
     settings = dict(model=encoder, dataset=train_csv, test_file=test_csv, max_len=32, epochs=3, lr=1e-2,
-                    precision="fp32", lora_r=4, output_dir=str(out))
+                    precision="fp32", lora_r=4, keep_checkpoint=True, output_dir=str(out))  # its weights: read below
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         metrics = train(resolve(**settings))
@@ -147,12 +147,20 @@ def test_two_processes_count_every_example_once(encoder, data, tmp_path):
     out = tmp_path / "out"
     stdout = torchrun("train.py", f"--model={encoder}", f"--dataset={train_csv}", f"--test-file={test_csv}",
                       "--max-len=32", "--epochs=1", "--lr=1e-2", "--precision=fp32", "--eval-batch-size=4",
-                      "--lora-r=4", "--no-audit", f"--output-dir={out}")
+                      "--lora-r=4", "--no-audit", "--keep-checkpoint", f"--output-dir={out}")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2 and stdout.count("LoRA r=4") == 1
     assert metrics["test"]["n"] == 46 == sum(map(sum, metrics["test"]["confusion_matrix"]))
     with safe_open(out / "checkpoint" / "model.safetensors", "pt") as f:
         assert f.keys() and all("lora_" in k or ".modules_to_save." in k for k in f.keys())
+    # the merged best/ of two processes, read by one plain pipeline, makes the recorded confusion matrix
+    test = load_data(resolve(model=encoder, dataset=train_csv, test_file=test_csv))[0]["test"]
+    names = metrics["test"]["labels"]
+    predicted = [names.index(r["label"]) for r in pipeline("text-classification", model=str(out / "best"),
+                                                           device="cpu")(list(test["text"]), batch_size=16)]
+    confusion = [[sum(1 for y, p in zip(test["label"], predicted) if (y, p) == (i, j)) for j in range(len(names))]
+                 for i in range(len(names))]
+    assert confusion == metrics["test"]["confusion_matrix"]
 
 
 def test_multi_label_with_class_weights_and_early_stopping(encoder, tmp_path):
