@@ -51,3 +51,25 @@ def test_notebook_runs_offline(tmp_path, fast, toy_csv):
     assert "great fun from start to end." in text
     labels = [out.data["text/plain"] for out in outputs if out.output_type == "execute_result"][-1]
     assert labels.count("'label': 'pos'") == 2 and labels.count("'label': 'neg'") == 1
+
+
+def test_notebook_runs_a_multi_label_run(tmp_path, tiny_model):
+    """A multi-label run writes per_label.png, not confusion.png nor calibration.png: the results cell shows what
+    the run wrote and its scores of label sets, and the sentences get label sets (the tiny model's, maybe empty)."""
+    nbclient = pytest.importorskip("nbclient")
+    from test_multi_label import write_jsonl
+    from toy import toy_label_sets
+    nb = read_notebook()
+    overrides = dict(model=tiny_model, dataset=write_jsonl(tmp_path / "sets.jsonl", toy_label_sets(120)),
+                     max_len=24, epochs=1, precision="fp32", output_dir=str(tmp_path / "run"))
+    parameters_cell(nb).source = (f'REPO_URL = ""\nPRESET = "imdb"\nOVERRIDES = {overrides!r}\n'
+                                  "OFFLINE_TEST = True")
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
+                            resources={"metadata": {"path": str(ROOT)}}).execute()  # raises on a failing cell
+
+    outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
+    text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
+    assert not (tmp_path / "run" / "confusion.png").exists() and (tmp_path / "run" / "per_label.png").exists()
+    assert sum("image/png" in out.data for out in outputs if out.output_type == "display_data") == 2  # curves, labels
+    assert re.search(r"Test micro-F1 [\d.]+ · exact match [\d.]+ · macro-F1 [\d.]+ · n=\d+ · run folder ", text)
+    assert "great fun from start to end." in text
