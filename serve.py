@@ -214,7 +214,7 @@ class Monitor:
         found["reference"]["predicted_share"] = dict(zip(self.names, ref["predicted_share"]))
         if len(recent) >= MIN_WINDOW:
             found["psi"] = {
-                "label": psi(ref["predicted_share"], found["predicted_share"].values()),
+                "label": psi(ref["predicted_share"], list(found["predicted_share"].values())),
                 "confidence": psi(ref["confidence_share"], shares(confidence, ref["confidence_edges"])),
                 "length": psi(ref["length_share"], shares(length, ref["length_edges"]))}
             found["drifting"] = [name for name, value in found["psi"].items() if value > self.threshold]
