@@ -144,6 +144,7 @@ def test_answers_are_predict_pys(kind, request):
     model, tokenizer = load_classifier(str(folder))
     assert info["pairs"] == (kind == "pairs") and info["backend"] == "torch"
     assert info["max_len"] == max_tokens(model, tokenizer)  # predict.py's, whatever it reads it from
+    assert kind != "trained" or info["max_len"] == 32  # the run's --max-len, which best/config.json keeps
     assert info["problem_type"] == ("multi_label" if kind == "multi_label" else "single_label")
     assert info["truncation"] == ("tail" if kind == "multi_label" else "head")
     assert info["threshold"] == (0.49 if kind == "multi_label" else None)
@@ -292,7 +293,8 @@ def test_drift_is_flagged_for_shifted_texts_and_not_for_texts_like_the_test_spli
     assert reference["labels"] == ["neg", "pos"] and abs(sum(reference["predicted_share"]) - 1) < 1e-9
     like_test = [text for text, _ in toy_examples(300, seed=11)]
     rng = random.Random(3)
-    shifted = [" ".join(rng.choices(FILLER, k=70) + rng.choices(POSITIVE, k=4)) for _ in range(300)]  # long, pos
+    # long and positive; the positive words first, since the model reads the first max_len (32) tokens as trained
+    shifted = [" ".join(rng.choices(POSITIVE, k=4) + rng.choices(FILLER, k=70)) for _ in range(300)]
     with serving(trained, "--monitor-window", 300) as server:
         for i in range(0, 300, 30):
             assert server.post({"inputs": like_test[i:i + 30]}).status_code == 200
