@@ -353,7 +353,7 @@ def column_chunks(frames, text_column, pair_column, pairs):
     for frame, done in frames:
         if columns is None:
             found = types.SimpleNamespace(column_names=list(frame.columns))  # what find_column looks at
-            columns = (find_text_columns(found, text_column, pair_column, need_pair=True) if pairs
+            columns = (find_text_columns(found, text_column, pair_column, need_pair="this model reads") if pairs
                        else [find_column(found, text_column, TEXT_COLUMNS, "text")])
         texts = [[as_text(value) for value in frame[column].tolist()] for column in columns]
         yield (list(zip(*texts)) if pairs else texts[0]), done
