@@ -443,6 +443,9 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
                           "audit_seconds": None if audit_logits is None else round(audit_seconds, 2)}}
     if accelerator.is_main_process:
         save_findings(out, quality)  # the temperature into best/config.json, errors.jsonl, suspect_labels.jsonl
+        write_json(out / "best" / "monitoring.json", analysis.monitoring_reference(  # what serve.py watches drift by
+            data["train"]["label"], test_logits[0], quality.get("temperature"), texts["train"],
+            AutoTokenizer.from_pretrained(out / "best"), cfg.max_len, names))
         write_json(out / "metrics.json", metrics)  # with best/, the essential output; the rest is nice to have
         discard_earlier_run(out)  # the outputs of the run this one replaces (--overwrite): this one has a result
         if not cfg.keep_checkpoint:
