@@ -298,7 +298,8 @@ def start_tracker(cfg, accelerator):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: everything --resume needs to continue exactly where a run stopped
 
-RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every", "audit"}
+RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every", "audit",
+                     "threads"}
 
 
 def new_state(cfg):

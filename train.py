@@ -27,7 +27,7 @@ import torch
 import transformers
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
@@ -62,28 +62,45 @@ def load_model_config(cfg):
     return model_config
 
 
-def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so that bf16 is faster than fp32."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                         "_is_amx_tile_supported"))
+BF16_PAYS_FROM = 1.3  # bf16 training also pays for its casts: a matmul speedup below this is not worth them
 
 
-def choose_precision(requested, cuda_capability, cpu_bf16=False):
+def cpu_bf16_speedup(hidden, tokens, seconds=None):
+    """How many times faster this CPU multiplies in bf16 than in fp32, measured (about 0.3 s) on the model's shape:
+    [tokens x hidden] @ [hidden x hidden]. Its flags do not tell: with AVX512-BF16 and no AMX, bf16 ran 0.66x fp32
+    on an Intel Xeon and 2.5x on an AMD EPYC (Zen 4). A 16-token try comes first: where bf16 is emulated in
+    software (AVX2 only), one model-sized bf16 matmul takes seconds. `seconds(dtype, rows)`: the timing (tests)."""
+    def matmul_seconds(dtype, rows):
+        a, b = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, hidden, dtype=dtype)
+        a @ b  # the first call picks and builds the kernel
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - started)
+        return min(times)
+    seconds = seconds or matmul_seconds
+    speedup = seconds(torch.float32, 16) / seconds(torch.bfloat16, 16)
+    return speedup if speedup < 0.5 else seconds(torch.float32, tokens) / seconds(torch.bfloat16, tokens)
+
+
+def choose_precision(requested, cuda_capability, cpu_bf16_speedup=None):
     """fp32 / bf16 / fp16. `auto`: bf16 on Ampere and newer GPUs (compute capability >= 8.0); fp16 with loss
-    scaling on older ones (T4, V100), whose bf16 is emulated and slow; on a CPU, bf16 where it is native (measured
-    here: 2.6x the training speed of fp32 at the same accuracy, see README, Speed), else fp32."""
+    scaling on older ones (T4, V100), whose bf16 is emulated and slow; on a CPU, bf16 where cpu_bf16_speedup (the
+    measured one) is at least BF16_PAYS_FROM, else fp32."""
     if requested == "fp16" and cuda_capability is None:
         raise UserError("--precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
     if requested != "auto":
         return requested
     if cuda_capability is None:
-        return "bf16" if cpu_bf16 else "fp32"
+        return "bf16" if (cpu_bf16_speedup or 0) >= BF16_PAYS_FROM else "fp32"
     return "bf16" if cuda_capability >= (8, 0) else "fp16"
 
 
 def choose_attention(requested, device_type, precision):
-    """For training: sdpa (PyTorch's fused attention), except for bf16 on a CPU, where eager attention trained 1.13x
-    faster here (while sdpa evaluated 1.4x faster: the test split is evaluated with sdpa; see README, Speed)."""
+    """For training: sdpa (PyTorch's fused attention), except for bf16 on a CPU, where eager attention trained
+    faster on both CPUs measured (2.1x on an AMD EPYC Zen 4, 1.13x with AMX; while sdpa evaluated as fast or faster:
+    the test split is evaluated with sdpa; see docs/speed.md). Measured once, not probed at each start."""
     if requested != "auto":
         return requested
     return "eager" if device_type == "cpu" and precision == "bf16" else "sdpa"
@@ -271,8 +288,9 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup, the run, the finish
 
-def setup(cfg, accelerator, state, out):
-    """Data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices."""
+def setup(cfg, accelerator, state, out, bf16_speedup=None):
+    """Data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices.
+    bf16_speedup: what the precision was chosen by on a CPU (cpu_bf16_speedup), for the Model line."""
     with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
         data, names = load_data(cfg)
         cfg = settle(cfg, is_multi_label(data["train"]))  # the problem (multi-label?) and metric-for-best's auto
@@ -287,7 +305,7 @@ def setup(cfg, accelerator, state, out):
     precision = accelerator.mixed_precision.replace("no", "fp32")
     attention = choose_attention(cfg.attention, accelerator.device.type, precision)
     model = load_model(cfg, names, attention, pairs=is_pairs(data["train"]))
-    optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
+    optimizer = make_optimizer(model, cfg, fused=accelerator.device.type in ("cuda", "cpu"))  # 3x faster steps on a CPU
     loaders = make_loaders(tokens, tokenizer, cfg, accelerator.device.type, accelerator.num_processes)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
@@ -296,6 +314,8 @@ def setup(cfg, accelerator, state, out):
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
     n = accelerator.num_processes
+    if bf16_speedup is not None:
+        precision = f"bf16 {bf16_speedup:.2g}× fp32 here: {precision}"
     say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · {precision}, "
         f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × "
         f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps")
@@ -305,8 +325,9 @@ def setup(cfg, accelerator, state, out):
 def train(cfg: Config):
     """Fine-tune cfg.model on cfg.dataset; returns the metrics (also written to output_dir/metrics.json)."""
     started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # --threads; else torch's default (OMP_NUM_THREADS, or one per core)
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    precision = choose_precision(cfg.precision, capability, capability is None and cpu_has_bf16())
     if capability and capability >= (8, 0):
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the matmuls left in fp32
     several_cpu_processes = capability is None and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
@@ -316,15 +337,22 @@ def train(cfg: Config):
     with locked(out), stop_on_signals(out):
         check_output_dir(out, cfg)
         state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
+        use_cache_only_if_offline(cfg)
+        model_config = load_model_config(cfg)
+        speedup = None  # on a CPU, bf16 only where it is measured faster, on the model's width (one verdict for all)
+        if cfg.precision == "auto" and capability is None:
+            tokens = min(cfg.batch_size * cfg.max_len, 4096)
+            speedup = broadcast_object_list([cpu_bf16_speedup(model_config.hidden_size, tokens)])[0]
+        precision = choose_precision(cfg.precision, capability, speedup)
         accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                                   cpu=several_cpu_processes, project_dir=str(out),
                                   log_with=None if cfg.report_to == "none" else cfg.report_to,
                                   dynamo_backend="inductor" if cfg.compile else None,  # prepare() compiles the model
                                   step_scheduler_with_optimizer=False)  # we step it, once per optimizer step
-        use_cache_only_if_offline(cfg)
-        check_same_inputs(state, "model", model_fingerprint(cfg.model, load_model_config(cfg)), out)
+        check_same_inputs(state, "model", model_fingerprint(cfg.model, model_config), out)
         set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
-        cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out)
+        cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out,
+                                                                                           speedup)
         if state["step"]:
             load_checkpoint(accelerator, out)
             say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
