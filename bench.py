@@ -78,7 +78,7 @@ def whole_run_files(folder, n_train, n_test, val_fraction=0.1):
     return model
 
 
-def whole_runs(folder, model, pairs, max_len, epochs, threads=None):
+def whole_runs(folder, model, pairs, max_len, epochs, threads=None, precision=None):
     """Wall-clock seconds of whole processes, the seed's script and train.py alternated (the order flips every
     pair, so that neither always runs on a warmer machine); train.py's output is kept in folder/ours.log."""
     files = {name: str(folder / f"{name}.csv") for name in ("train", "test", "seed_train")}
@@ -88,7 +88,8 @@ def whole_runs(folder, model, pairs, max_len, epochs, threads=None):
                 "ours": [sys.executable, str(here / "train.py"), "--model", model, "--dataset", files["train"],
                          "--test-file", files["test"], "--max-len", str(max_len), "--epochs", str(epochs),
                          "--output-dir", str(folder / "ours"), "--overwrite"]
-                + ([] if threads is None else ["--threads", str(threads)])}
+                + ([] if threads is None else ["--threads", str(threads)])
+                + ([] if precision is None else ["--precision", precision])}
     seconds = {"seed": [], "ours": []}
     for pair in range(pairs):
         for name in ("seed", "ours") if pair % 2 == 0 else ("ours", "seed"):
@@ -226,6 +227,8 @@ def main(argv=None):
                         help="time whole processes instead: the tutorial's script vs train.py (IMDB-shaped data)")
     parser.add_argument("--pairs", type=int, default=2, help="--whole-run: how many (seed, ours) pairs")
     parser.add_argument("--threads", type=int, help="--whole-run: train.py's --threads (default: its own)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                        help="--whole-run: train.py's --precision (default: its own, auto)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -233,7 +236,8 @@ def main(argv=None):
     if args.whole_run:
         model = whole_run_files(folder, args.train_samples, args.eval_samples)
         report, _ = machine(device, model, args.max_len)
-        report["whole_run"] = whole_runs(folder, model, args.pairs, args.max_len, args.epochs, args.threads)
+        report["whole_run"] = whole_runs(folder, model, args.pairs, args.max_len, args.epochs, args.threads,
+                                       args.precision)
         print_whole_run(report)
     else:
         report = in_process_runs(args, folder, device)

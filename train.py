@@ -235,8 +235,10 @@ def weighted_loss(logits, labels, weights):
 
 
 def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started):
-    """Validate, log, keep the best model; returns the summary line."""
-    val = evaluate(model, loaders["validation"], accelerator, names, cfg.threshold) if "validation" in loaders else None
+    """Validate, log, keep the best model; returns the summary line, and the validation logits when this epoch's
+    model became best/ (finish() calibrates on them instead of reading the validation split a second time)."""
+    val_logits = split_logits(model, loaders["validation"], accelerator) if "validation" in loaders else None
+    val = scores(*val_logits, names, cfg.threshold) if val_logits else None
     if val:
         record.update({f"val_{k}": val[k] for k in ("accuracy", "f1_micro", "f1_macro", "loss") if k in val})
     seconds = time.time() - started
@@ -253,12 +255,14 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
         state.update(best_score=score, best_epoch=state["epoch"], best_val=val)
     summary = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}" + \
         (f" · val {report.headline(val)}" if val else "")
-    return summary + f" · lr {record['lr']:.2e} · padding {record['padding']:.0%} · {seconds:.0f}s" + \
+    summary += f" · lr {record['lr']:.2e} · padding {record['padding']:.0%} · {seconds:.0f}s" + \
         (" *" if improved else "") + (f"\nStopped early: {record['stopped']}" if "stopped" in record else "")
+    return summary, val_logits if improved else None
 
 
 def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names, weights=None):
-    """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends."""
+    """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends.
+    Returns the state and the validation logits of the best model, if one of these epochs made it (else None)."""
     def stop_if_asked():
         if accelerator.check_trigger():  # Ctrl-C / SIGTERM during the steps, on any process: a checkpoint first
             save_checkpoint(out, state, accelerator)
@@ -271,7 +275,7 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
             save_checkpoint(out, state, accelerator)
 
-    main = accelerator.is_main_process
+    main, best_val_logits = accelerator.is_main_process, None
     epochs = range(state["epoch"], 0 if state["stopped"] else cfg.epochs + 1)  # none left after an early stop
     for epoch in tqdm(epochs, desc="epochs", disable=not main):
         started = time.time()
@@ -288,14 +292,18 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
         record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": train_loss,
                   "lr": scheduler.get_last_lr()[0], "padding": round(1 - int(tokens[0]) / max(int(tokens[1]), 1), 4),
                   "tokens": int(tokens[0]), "positions": int(tokens[1])}  # real tokens; positions incl. padding
-        summary = end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started)
+        summary, val_logits = end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record,
+                                           started)
+        best_val_logits = best_val_logits if val_logits is None else val_logits
         state.update(epoch=epoch + 1, batches_done=0, loss_sum=0.0, log_mark=[0.0, 0], tokens=[0, 0])
-        save_checkpoint(out, state, accelerator)
+        # after the last epoch only state.json: a finished run drops its weights and optimizer anyway (finish())
+        to_train_on = cfg.keep_checkpoint or epochs_left(state, cfg)
+        save_checkpoint(out, state, accelerator, to_train_on)
         if main:
             tqdm.write(summary)  # tqdm.write keeps the bars intact
         if state["stopped"]:
             break
-    return state
+    return state, best_val_logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,15 +390,18 @@ def train(cfg: Config):
                     report.optional_output("lengths.png", report.plot_lengths, lengths, out / "lengths.png")
             start_tracker(cfg, accelerator)
             weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
-            state = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names, weights)
-            return finish(cfg, out, state, loaders, accelerator, names, precision, data, started)
+            state, val_logits = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state,
+                                    names, weights)
+            return finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits)
         except Exception as e:  # after the model loaded: put back an earlier run, say what is kept
             raise failed_run(e, cfg, out, accelerator.is_main_process) from None
 
 
-def finish(cfg, out, state, loaders, accelerator, names, precision, data, started):
+def finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits=None):
     """Evaluate the saved best model on the test split, once; calibrate it on the validation split and audit the
-    training labels with it (analysis.py); write metrics.json, the temperature into best/ and the rest."""
+    training labels with it (analysis.py); write metrics.json, the temperature into best/ and the rest.
+    val_logits: the best model's validation logits from its epoch's end (the weights saved in best/), if this
+    process trained it; else (a resumed run whose best epoch came earlier) the validation split is read here."""
     accelerator.wait_for_everyone()  # what you evaluate is exactly what you ship: the files in best/
     best_model = AutoModelForSequenceClassification.from_pretrained(
         out / "best", use_safetensors=True,
@@ -399,7 +410,7 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
     test_started, sizes = time.time(), {split: len(examples) for split, examples in data.items()}
     test_logits = logits_of("test")
     test_seconds, seconds = time.time() - test_started, state["train_seconds"]
-    val_logits, audit_started = logits_of("validation"), time.time()
+    val_logits, audit_started = val_logits or logits_of("validation"), time.time()
     audit_logits, audit_seconds = logits_of("audit"), time.time() - audit_started  # the label audit's cost
     texts = {split: model_inputs(data[split]) for split in ("test", "train")}
     quality = analysis.assess(test_logits, val_logits, audit_logits, names, texts, cfg.threshold)
