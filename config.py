@@ -280,4 +280,7 @@ def settle(cfg, multi_label):
     best = cfg.metric_for_best if cfg.metric_for_best != "auto" else "f1_micro" if multi_label else "accuracy"
     if best == "f1_micro" and not multi_label:
         raise UserError("--metric-for-best f1_micro is for multi-label data; with one class per text it is accuracy")
+    if cfg.threshold != Config.threshold and not multi_label:  # else accepted and never used
+        raise UserError("--threshold is for multi-label data; a single-label model predicts its likeliest class "
+                        "(to abstain on unsure texts: predict.py --min-confidence)")
     return dataclasses.replace(cfg, problem="multi_label" if multi_label else "single_label", metric_for_best=best)

@@ -34,6 +34,14 @@ def say(*args, **kwargs):
 # ----------------------------------------------------------------------------------------------------------------
 # Output folder: nothing is left half-written, and an earlier run is never overwritten by accident
 
+def say_if_launched_as_one():
+    """`accelerate launch --num_processes N` without --multi_gpu starts ONE process where there are no GPUs
+    (accelerate 1.x's simple launcher: it sets MASTER_ADDR, as for N processes, but no WORLD_SIZE). Say so."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        say("Warning: accelerate launch was asked for several processes and started one; on CPUs run "
+            "accelerate launch --multi_gpu --num_processes N train.py ... (or torchrun --nproc_per_node N train.py ...)")
+
+
 def choose_output_dir(cfg):
     """A new runs/<name>-<time> folder unless given (created at once, so two runs started in the same second
     get two folders); a given folder must be a folder we can write to."""

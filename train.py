@@ -51,7 +51,7 @@ from data import (absolute_paths, check_tokenizer, class_weights, describe, fing
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir, discard_earlier_run,
                   drop_checkpoint_weights, epochs_left, failed_run, graceful_stop, load_checkpoint, locked, log_step,
                   model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
-                  save_model, say, start_tracker, stop_on_signals, write_json)
+                  save_model, say, say_if_launched_as_one, start_tracker, stop_on_signals, write_json)
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
 datasets.disable_progress_bars()
@@ -129,7 +129,8 @@ def load_model(cfg, names, attention="sdpa", pairs=False):
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
             problem_type="multi_label_classification" if cfg.problem == "multi_label" else None,  # None: the usual
             output_loading_info=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=attention)
+            attn_implementation=attention,
+            dtype=torch.float32)  # weights stored in fp16 or bf16, trained as stored, lost their updates (a nan loss)
     except Exception as e:  # .bin-only weights (only safetensors are loaded), a truncated file: one line
         if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
             raise
@@ -356,6 +357,7 @@ def train(cfg: Config):
     if capability and capability >= (8, 0):
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the matmuls left in fp32
     several_cpu_processes = capability is None and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
+    say_if_launched_as_one()
     AcceleratorState._reset_state()  # accelerate keeps its settings per process: a notebook's next run may differ
     PartialState(cpu=several_cpu_processes)  # the processes meet first: they must agree on the output folder
     out = choose_output_dir(cfg)
