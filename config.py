@@ -53,9 +53,10 @@ class Config:
     grad_accum: int = 1  # micro-batches per optimizer step: global batch = batch-size x devices x grad-accum
     group_by_length: bool = True  # batches of similar-length texts: less padding, same randomness
     pad_to_max_len: bool = False  # pad every batch to max-len, as older tutorials do (slower; for comparisons)
+    threads: int | None = None  # CPU threads for torch (none = its default: OMP_NUM_THREADS, else one per core); 1 on a busy, shared CPU
     compile: bool = False  # torch.compile the model: minutes of compiling, for long GPU runs
     max_grad_norm: float = 1.0  # gradient clipping; 0 = none
-    precision: str = "auto"  # auto = bf16 on Ampere+ GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32
+    precision: str = "auto"  # auto = bf16 on Ampere+ GPUs and CPUs where measured faster, fp16 on older GPUs, else fp32
     attention: str = "auto"  # attention kernels (auto: the faster one measured for the device and precision)
     metric_for_best: str = "auto"  # the validation metric that picks the best epoch (auto: accuracy; multi: f1_micro)
     threshold: float = 0.5  # multi-label: a label is predicted at this probability; a tuned one is stored too (README)
@@ -130,7 +131,7 @@ def validate(cfg):
         need(value in allowed, f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not '{value}'")
     for name in ("max_len", "batch_size", "eval_batch_size", "epochs", "grad_accum"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
-    for name in ("train_samples", "eval_samples"):
+    for name in ("train_samples", "eval_samples", "threads"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (or none), not {value}")
     need(cfg.report_to == "none" or importlib.util.find_spec(cfg.report_to),
