@@ -72,9 +72,11 @@ class Config:
     report_to: str = "none"  # also send the log to a tracker (through accelerate)
     length_histogram: bool = False  # save lengths.png: the training texts' token lengths, max-len marked
     audit: bool = True  # after training, list the training examples whose label the model doubts (below 100,000)
+    baseline: bool = True  # fit TF-IDF + logistic regression on the same splits, shown beside the model (up to 10M chars)
 
 
 AUDIT_LIMIT = 100_000  # --audit reads the training split again only when it is smaller than this
+BASELINE_LIMIT = 10_000_000  # --baseline runs when all splits' texts hold at most this many characters (README)
 
 CHOICES = {
     "scheduler": ("cosine", "linear", "constant"),
