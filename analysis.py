@@ -81,17 +81,18 @@ def tune_threshold(logits, labels):
     return float(max(THRESHOLDS, key=lambda t: (round(micro_f1(t), 12), -abs(t - 0.5))))
 
 
-def nll(logits, labels, temperature=1.0):
-    """Mean negative log-likelihood of the labels under softmax(logits / temperature)."""
-    return float(torch.nn.functional.cross_entropy(logits.double() / temperature, labels))
+def nll(logits, labels, temperature=1.0, reduction="mean"):
+    """Mean negative log-likelihood of the labels under softmax(logits / temperature) (reduction "none": each's)."""
+    losses = torch.nn.functional.cross_entropy(logits.double() / temperature, labels, reduction=reduction)
+    return float(losses) if reduction == "mean" else losses
 
 
 def fit_temperature(logits, labels, iterations=100):
     """The one T > 0 that minimizes the NLL of softmax(logits / T) on these (validation) examples, or None when
     there is none: with no mistake among them, the NLL keeps falling as T -> 0 (every example ever surer), so the
     data do not determine T. The NLL is convex in 1/T, so it has a single minimum along log T: a golden-section
-    search over log T in TEMPERATURE_RANGE finds it (or the end of the range nearest to it).
-    argmax(logits / T) = argmax(logits): no prediction changes."""
+    search over log T in TEMPERATURE_RANGE finds it; a search that ends at the range's end (0.01 or 100) found no
+    minimum inside it, and is no fit either (None). argmax(logits / T) = argmax(logits): no prediction changes."""
     if not (logits.argmax(-1) != labels).any():
         return None
     logits = logits.double()
@@ -109,8 +110,36 @@ def fit_temperature(logits, labels, iterations=100):
             a, c, loss_c = c, d, loss_d
             d = a + ratio * (b - a)
             loss_d = loss(d)
+    if min(abs((a + b) / 2 - math.log(end)) for end in TEMPERATURE_RANGE) < 1e-6:
+        return None
     best = math.exp((a + b) / 2)
     return best if nll(logits, labels, best) < nll(logits, labels, 1.0) else 1.0  # never worse than none
+
+
+def calibrate(logits, labels):
+    """(T, None) where these validation examples support a temperature, else (1.0, why not, for the output line and
+    metrics.json). A fit on a few examples follows their noise (2 validation texts gave T = 0.02, and scores near 1
+    for a model right half the time), so T is kept only when it holds up on examples it was not fitted on: fitted on
+    each half of the split (alternate rows: the split is a seeded random sample), it must lower the other half's
+    loss (NLL), the two halves together, by more than twice the standard error of that gain. Then T is the fit on
+    the whole split."""
+    n, wrong = len(labels), int((logits.argmax(-1) != labels).sum())
+    if not wrong:
+        return 1.0, "no mistake on the validation split, where every lower temperature fits better, without end"
+    halves = [torch.arange(start, n, 2) for start in (0, 1)]
+    if any(not (logits[half].argmax(-1) != labels[half]).any() for half in halves):
+        return 1.0, f"too few validation mistakes ({wrong} in {n} texts) to fit a temperature and check it"
+    fits = [fit_temperature(logits[half], labels[half]) for half in halves] + [fit_temperature(logits, labels)]
+    if None in fits:
+        return 1.0, "the validation split does not determine a temperature (its fit runs to the end of the range, " \
+                    f"{TEMPERATURE_RANGE[0]:g} or {TEMPERATURE_RANGE[1]:g})"
+    gains = torch.cat([nll(logits[half], labels[half], reduction="none") -
+                       nll(logits[half], labels[half], fits[1 - i], reduction="none") for i, half in enumerate(halves)])
+    mean, error = float(gains.mean()), float(gains.std() / math.sqrt(n))
+    if not mean > 2 * error:
+        return 1.0, (f"a temperature fitted on half of the {n} validation texts did not lower the other half's loss "
+                     f"beyond chance ({mean:+.3f} ± {error:.3f} nats a text)")
+    return fits[2], None
 
 
 def reliability(probs, labels, bins=ECE_BINS):
@@ -221,19 +250,20 @@ def assess_label_sets(test, validation, names, texts, threshold):
 
 
 def assess(test, validation, audit, names, texts, threshold=0.5):
-    """All of the above for a finished run. `test`, `validation` (or None: no temperature; nor without a mistake on
-    it) and `audit` (or None: no label audit) are (logits, labels) in their split's order; `texts` {split: texts}.
+    """All of the above for a finished run. `test`, `validation` (or None: no temperature; nor where it cannot
+    support one: see calibrate) and `audit` (or None: no label audit) are (logits, labels) in their split's order;
+    `texts` {split: texts}.
     Returns {"test": the additions to metrics' test section, "temperature", "mistakes", "suspects" (None without an
     audit), "reliability": (before, after), "curve", "saved": what goes into best/config.json}. Multi-label labels
     (0/1 rows): assess_label_sets, with `threshold` where there is no validation split to tune it on."""
     if test[1].ndim == 2:
         return assess_label_sets(test, validation, names, texts, threshold)
-    fitted = fit_temperature(*validation) if validation is not None else None
-    temperature = fitted or 1.0
+    temperature, skipped = calibrate(*validation) if validation is not None else \
+        (1.0, "no validation split, --val-fraction 0")
     logits, labels = test
     raw, calibrated = logits.double().softmax(-1), (logits.double() / temperature).softmax(-1)
     additions = {"ece": ece(raw, labels), "ece_calibrated": ece(calibrated, labels), "temperature": temperature,
-                 "calibrated_on": "validation" if fitted else None,
+                 "calibrated_on": None if skipped else "validation", "calibration_skipped": skipped,
                  "coverage": accuracy_at_coverage(calibrated, labels)}
     found = None
     if audit is not None:

@@ -68,6 +68,7 @@ class Config:
     overwrite: bool = False  # replace a run already in output-dir
     resume: bool = False  # continue the run in output-dir from its checkpoint
     checkpoint_every: int = 500  # optimizer steps between checkpoints (also at every epoch's end); 0 = epochs only
+    keep_checkpoint: bool = False  # a finished run keeps checkpoint/ whole (3x the model), to go on with more epochs
     log_every: int = 0  # optimizer steps between step rows (train loss, lr) in log.jsonl; 0 = epoch rows only
     report_to: str = "none"  # also send the log to a tracker (through accelerate)
     length_histogram: bool = False  # save lengths.png: the training texts' token lengths, max-len marked

@@ -5,6 +5,7 @@ stratified splits -> token ids -> length-grouped training batches and length-sor
 The entry points: `load_data(cfg)` (splits and class names), `tokenize`, `make_loaders`; `read_file`,
 `find_text_columns`, `model_inputs` and `encode` for other scripts that read texts (predict.py)."""
 import codecs
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -143,6 +144,14 @@ def read_local(location, cfg):
 
 def is_local(location):
     return Path(location).expanduser().exists() or Path(location).suffix.lower() in FILE_FORMATS
+
+
+def absolute_paths(cfg):
+    """cfg with a local --dataset and --test-file as absolute paths (Hub ids as given): what metrics.json records, so
+    that export.py finds a run's data from any folder."""
+    local = {key: getattr(cfg, key) for key in ("dataset", "test_file")}
+    return dataclasses.replace(cfg, **{key: str(Path(value).expanduser().resolve()) for key, value in local.items()
+                                       if value and is_local(value)})
 
 
 def read_dataset(cfg):
@@ -309,14 +318,15 @@ def standardize(ds, cfg, split, problem=None):
     if multi:
         return label_sets(ds, cfg.label_sep, split)
     label_feature = ds.features["label"]
-    ordered = list(label_feature.names) if isinstance(label_feature, ClassLabel) else None
+    ordered = clean_names(label_feature.names) if isinstance(label_feature, ClassLabel) else None
     if ordered is not None and min(ds["label"], default=0) < 0:
         raise UserError(f"the {split} split has no labels (hidden, as in GLUE's test sets); use --test-split "
                         "validation")
-    if any(kind != "text" for kind in kinds):  # to strings: ClassLabel ids to names, 1 to "1"
+    unclean = kinds[1] == "text" and any(isinstance(v, str) and v != v.strip() for v in ds["label"])
+    if unclean or any(kind != "text" for kind in kinds):  # to strings: ClassLabel ids to names, 1 to "1"; stripped
         def to_strings(batch):
             labels = [label_feature.int2str(v) for v in batch["label"]] if ordered else map(as_text, batch["label"])
-            return {**texts_as_strings(batch), "label": list(labels)}
+            return {**texts_as_strings(batch), "label": list(map(label_name, labels))}
         ds = ds.map(to_strings, batched=True, features=Features({name: Value("string") for name in ds.column_names}))
     return ds, ordered
 
@@ -327,6 +337,30 @@ def texts_as_strings(batch):
 
 
 LIST_IN_TEXT = re.compile(r"\s*\[.*\]\s*", re.S)
+
+
+def label_name(value):
+    """A label as a class name, one rule for every format and both problems: without the spaces around it ("pos "
+    and " pos" are pos); "" when nothing is left, which is no label (refused in single-label data, see check_labels;
+    left out of a label set). A missing value (None) stays None."""
+    return value if value is None else value.strip()
+
+
+def clean_names(names):
+    """A ClassLabel's names by the same rule (label_name), in their order: empty ones left out, equal ones once."""
+    return [name for name in dict.fromkeys(map(label_name, names)) if name]
+
+
+def say_case_twins(names):
+    """Class names that differ only in case stay apart (they may be meant so: "US" and "us"), but one line names
+    them: more often they are one class written two ways."""
+    groups = {}
+    for name in names:
+        groups.setdefault(name.casefold(), []).append(name)
+    twins = [" / ".join(group) for group in groups.values() if len(group) > 1]
+    if twins:
+        say(f"Warning: labels that differ only in case are separate classes: {'; '.join(twins[:5])}"
+            f"{'; ...' if len(twins) > 5 else ''}; write them alike in the data if they are one")
 
 
 def multi_label(problem, label_sep, kind, values, column):
@@ -357,30 +391,40 @@ def multi_label(problem, label_sep, kind, values, column):
 def label_sets(ds, label_sep, split):
     """Multi-label: each example's labels as a list of class names (strings), maybe empty, and the ClassLabel names
     of a Hub dataset's label lists (or None). Lists stay lists; a csv cell is cut at --label-sep, an empty cell
-    being the empty set; a single label is a set of one. A missing list (null) is refused: [] is the empty set."""
+    being the empty set; a single label is a set of one. A missing list (null) is refused: [] is the empty set.
+    Every name as label_name says (stripped; an empty one is no label), each once. A text cell that holds a list
+    written out (['a', 'b'], [], a pandas export) is refused: cut at --label-sep it would give names such as "['a'"."""
     feature = ds.features["label"]
     inner = getattr(feature, "feature", feature)  # the type of the items of a list column
     name_of = inner.int2str if isinstance(inner, ClassLabel) else as_text
-    missing = sum(v is None for v in ds["label"]) if label_sep is None else 0
+    values = ds["label"]
+    missing = sum(v is None for v in values) if label_sep is None else 0
     if missing:
         raise UserError(f"{missing} {split} example(s) have no label list (null); write [] for a text with no label")
+    listed = next((v for v in values if isinstance(v, str) and LIST_IN_TEXT.fullmatch(v)), None)
+    if listed is not None:
+        sep = label_sep or ";"
+        raise UserError(f"the {split} split's label column holds lists written as text ({listed.strip()[:40]}): in a "
+                        f"csv write a text's labels as a{sep}b with --label-sep '{sep}', an empty cell for none (or "
+                        "use .jsonl with lists)")
 
     def to_set(value):
         if value is None:  # an empty csv cell
             return []
         if isinstance(value, str) and label_sep is not None:
-            return [part.strip() for part in value.split(label_sep) if part.strip()]
-        values = value if isinstance(value, list) else [value]
-        if any(v is None or isinstance(v, (list, dict, float)) for v in values):
-            raise UserError(f"the {split} split has a label list with {values}: labels are names or integers")
-        return [name_of(v) for v in values]
+            values = value.split(label_sep)
+        else:
+            values = value if isinstance(value, list) else [value]
+            if any(v is None or isinstance(v, (list, dict, float)) for v in values):
+                raise UserError(f"the {split} split has a label list with {values}: labels are names or integers")
+        return list(dict.fromkeys(name for name in (label_name(name_of(v)) for v in values) if name))
 
     def to_sets(batch):
         return {**texts_as_strings(batch), "label": list(map(to_set, batch["label"]))}
     features = Features({name: Value("string") for name in ds.column_names})
     features["label"] = datasets.Sequence(Value("string"))
     ds = ds.map(to_sets, batched=True, features=features)
-    return ds, list(inner.names) if isinstance(inner, ClassLabel) else None
+    return ds, clean_names(inner.names) if isinstance(inner, ClassLabel) else None
 
 
 def is_multi_label(ds):
@@ -480,6 +524,7 @@ def load_data(cfg):
     if not multi:  # a multi-label example may have no label: the empty set
         check_labels(train, "train")
     names = class_names(train, ordered)
+    say_case_twins(names)
     if len(names) < (1 if multi else 2):
         raise UserError("the training data has no labels at all" if multi else
                         f"the training data has a single class ({names[0]}); a classifier needs at least two")

@@ -6,7 +6,12 @@
 
 The check runs on real inputs: the run's own test split (found through runs/<run>/metrics.json), or the texts of
 --file. It reports the largest logit difference from PyTorch (fp32 ONNX must be within 1e-4), how often the
-predictions agree, and accuracy on the test split for each of the three, into onnx/report.json.
+predictions agree, and accuracy on the test split for each of the three, into onnx/report.json. Texts are cut as
+the model was trained (`max_len` and `truncation` in its config.json).
+
+Each .onnx file is self-contained (its weights inside) where the protobuf format allows it, below 2 GB; a larger
+model's weights go to model.onnx.data beside model.onnx, and the two must then be kept together. The ONNX models
+take token ids: tokenize with the model folder's tokenizer, at most max_len tokens, as predict.py does.
 """
 import json
 import logging
@@ -19,11 +24,12 @@ from pathlib import Path
 import torch
 
 from config import Config, OneLineParser, UserError
-from data import load_data, model_inputs
+from data import is_local, load_data, model_inputs
 from predict import (first_line, label_threshold, load_classifier, max_tokens, predict_logits, read_texts,
                      reads_pairs, torch_forward)
 
 PARITY_LIMIT = 1e-4  # largest |logit difference| allowed between fp32 ONNX and PyTorch
+ONE_FILE_LIMIT = 2 * 10**9  # weights up to this size go inside the .onnx file (protobuf's limit is 2 GiB in all)
 
 
 def need_onnx():
@@ -34,10 +40,12 @@ def need_onnx():
         raise UserError("export needs onnx, onnxscript and onnxruntime: pip install -r requirements-export.txt") from None
 
 
-def export_onnx(model, tokenizer, path):
+def export_onnx(model, tokenizer, path, one_file=True):
     """torch.onnx.export (the torch.export-based exporter) with dynamic batch and sequence axes. A model trained on
-    text pairs also takes token_type_ids where its tokenizer makes them (BERT: which of the two texts a token is in)."""
+    text pairs also takes token_type_ids where its tokenizer makes them (BERT: which of the two texts a token is in).
+    `one_file`: the weights inside the .onnx file; else in PATH.data beside it."""
     model = model.cpu().eval()
+    Path(str(path) + ".data").unlink(missing_ok=True)  # an earlier export's weights: never mistaken for this one's
     pairs = [["and its pair", "b"]] if reads_pairs(model) else []
     example = tokenizer(["an example text to trace", "short"], *pairs, padding=True, return_tensors="pt")
     names = ("input_ids", "attention_mask") + (("token_type_ids",) if pairs and "token_type_ids" in example else ())
@@ -48,17 +56,18 @@ def export_onnx(model, tokenizer, path):
         warnings.simplefilter("ignore", (UserWarning, FutureWarning))
         torch.onnx.export(model, (), str(path), kwargs=inputs, input_names=list(inputs), output_names=["logits"],
                           dynamic_shapes={name: {0: batch, 1: sequence} for name in inputs}, dynamo=True,
-                          verbose=False)
+                          external_data=not one_file, verbose=False)
     return path
 
 
-def quantize(fp32_path, int8_path):
+def quantize(fp32_path, int8_path, one_file=True):
     """int8 dynamic quantization: weights stored as int8, activations quantized on the fly."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # its advice to pre-process is for static quantization
     try:
-        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
+                         use_external_data_format=not one_file)
     finally:
         root.setLevel(level)
     return int8_path
@@ -74,7 +83,8 @@ def onnx_forward(path):
 
 def real_inputs(model_dir, file, samples, pairs=False):
     """(texts, labels or None, max_len or None): the run's test split and max_len when model_dir is a run's
-    best/, else the texts of --file; (text, pair) tuples for a model trained on `pairs`."""
+    best/, else the texts of --file; (text, pair) tuples for a model trained on `pairs`. The run's data files are
+    where its metrics.json says (absolute paths; a run from before they were recorded so: from where it ran)."""
     if file:
         texts = read_texts(file, pairs=pairs)[:samples]
         if not texts:
@@ -89,6 +99,10 @@ def real_inputs(model_dir, file, samples, pairs=False):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{metrics_file}: not a metrics.json that train.py wrote ({first_line(e)}); pass --file "
                         "with texts to check on") from None
+    for flag, path in (("--dataset", cfg.dataset), ("--test-file", cfg.test_file)):
+        if path and is_local(path) and not Path(path).expanduser().exists():
+            raise UserError(f"{metrics_file}: the run's {flag} {path} is not found from {Path.cwd()} (a path "
+                            "relative to where the run was started); run export.py from there, or pass --file")
     test = load_data(cfg)[0]["test"]
     return list(model_inputs(test)), list(test["label"]), cfg.max_len
 
@@ -123,18 +137,22 @@ def decisions(logits, model):
 
 
 def compare(model_dir, out, texts, labels, max_len, benchmark):
-    """Export, quantize, check, and (optionally) time. Returns the report."""
+    """Export, quantize, check, and (optionally) time. Returns the report. `max_len`: the run's (metrics.json), for
+    a model whose config.json does not store its own (saved before train.py stored it)."""
     model, tokenizer = load_classifier(str(model_dir), "cpu")
-    max_len = max_tokens(model, tokenizer, max_len)
-    fp32 = export_onnx(model, tokenizer, out / "model.onnx")
-    int8 = quantize(fp32, out / "model.int8.onnx")
+    max_len = max_tokens(model, tokenizer, getattr(model.config, "max_len", None) or max_len)
+    one_file = size_in_bytes(None, model) < ONE_FILE_LIMIT
+    fp32 = export_onnx(model, tokenizer, out / "model.onnx", one_file)
+    int8 = quantize(fp32, out / "model.int8.onnx", one_file)
     forwards = {"pytorch": torch_forward(model), "onnx": onnx_forward(fp32), "onnx_int8": onnx_forward(int8)}
     truncation = getattr(model.config, "truncation", "head")  # long texts cut as in training
     logits = {name: predict_logits(texts, tokenizer, f, 64, max_len, truncation=truncation)
               for name, f in forwards.items()}
     reference = decisions(logits["pytorch"], model)
     same = lambda a, b: float((a == b).reshape(len(texts), -1).all(1).float().mean())  # noqa: E731 -- the whole set
-    report = {"n": len(texts), "max_len": max_len, "files": {"onnx": str(fp32), "onnx_int8": str(int8)}}
+    report = {"n": len(texts), "max_len": max_len, "truncation": truncation,
+              "files": {"onnx": str(fp32), "onnx_int8": str(int8)},  # + .data beside each, unless "one_file"
+              "one_file": one_file}
     for name, values in logits.items():
         row = {"max_abs_logit_diff": float((values - logits["pytorch"]).abs().max()),
                "agreement": same(decisions(values, model), reference),
@@ -153,6 +171,18 @@ def print_report(report):
     print(f"{'':10}" + "".join(f"{c:>20}" for c in columns) + f"   (n={report['n']}, max_len {report['max_len']})")
     for name in ("pytorch", "onnx", "onnx_int8"):
         print(f"{name:10}" + "".join(f"{report[name][c]:>20.6g}" for c in columns))
+
+
+def print_files(report, model_dir, out):
+    """Where the files are, which belong together, and how to feed them."""
+    def described(name, what):
+        path = Path(report["files"][name]).resolve()
+        inside = "weights inside" if report["one_file"] else f"weights in {path.name}.data beside it: keep both"
+        return f"{path} ({what}, {report[name]['size_mb']:g} MB, {inside})"
+    print(f"Wrote {described('onnx', 'fp32')}\n  and {described('onnx_int8', 'int8')}; the check: "
+          f"{(out / 'report.json').resolve()}")
+    print(f"They take token ids: tokenize with {model_dir}'s tokenizer, at most {report['max_len']} tokens "
+          f"(truncation {report['truncation']}), as predict.py does")
 
 
 def check_output_dir(out):
@@ -192,6 +222,7 @@ def main(argv=None):
         sys.exit(2)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print_report(report)
+    print_files(report, args.model_dir, out)
     if report["onnx"]["max_abs_logit_diff"] > PARITY_LIMIT or report["onnx"]["agreement"] < 1:
         print(f"error: the ONNX model differs from PyTorch by more than {PARITY_LIMIT}", file=sys.stderr)
         sys.exit(1)

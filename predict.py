@@ -11,6 +11,8 @@ One JSON object per input, in the input's order: {"text", "label", "score", "pro
 --format csv one row per input: text, label, score and every class's probability. Lines are split on "\n" (or
 "\r\n") only, so output row i is input line i. A model trained on text pairs (`text_pair` in its config.json) reads
 pairs: two columns of a table, or one "first<TAB>second" per line or argument; its rows have "text_pair" too.
+Long texts are cut as in training: at the run's --max-len (`max_len` in config.json; --max-len here overrides it),
+keeping their head, tail or both (`truncation`).
 The probabilities are calibrated: softmax(logits / T), with the temperature T that train.py fitted on the
 validation split (`calibration_temperature` in config.json; 1 without).
 --min-confidence P: "label" is null (the model abstains) for a text whose top probability is below P.
@@ -123,8 +125,14 @@ def check_inputs(texts, pairs):
 
 
 def max_tokens(model, tokenizer, max_len=None):
+    """Tokens kept per text: `max_len` when given (an override, on purpose), else the length the model was trained
+    and tested at (`max_len` in its config.json, stored by train.py), else (a model from elsewhere) the model's limit;
+    never more than its positions."""
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return min(max_len or limit, limit)
+    trained = getattr(model.config, "max_len", None)
+    if trained is not None and (not isinstance(trained, int) or trained < 1):
+        raise UserError(f"max_len in the model's config.json must be a positive integer, not {trained!r}")
+    return min(max_len or trained or limit, limit)
 
 
 def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=False, min_confidence=None,
@@ -282,7 +290,8 @@ def parse_args(argv):
     parser.add_argument("--top-k", type=int, help="keep only the k likeliest classes in the JSON probs (csv always "
                                                    "has every class's true probability)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-len", type=int, help="tokens kept per text (default: the model's limit)")
+    parser.add_argument("--max-len", type=int, help="tokens kept per text (default: as the model was trained, "
+                                                    "max_len in its config.json; else the model's limit)")
     parser.add_argument("--min-confidence", type=float, metavar="P",
                         help='abstain ("label": null) on texts whose top probability is below P, e.g. a threshold '
                              "from metrics.json's coverage table")

@@ -122,6 +122,8 @@ def describe_label_sets(test):
 
 
 def why_uncalibrated(metrics):
+    if metrics["test"].get("calibration_skipped"):  # analysis.calibrate's reason
+        return metrics["test"]["calibration_skipped"]
     return ("no validation split, --val-fraction 0" if metrics["val"] is None else
             "no mistake on the validation split, where every lower temperature fits better, without end")
 

@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from accelerate import PartialState
@@ -72,29 +72,48 @@ def run_name(cfg):
 @contextmanager
 def locked(out):
     """An OS lock on out/.lock while this run uses the folder (released on any exit, a kill too): a second run on
-    the same folder is refused, naming the holder. The main process holds it for all processes of a run."""
+    the same folder is refused, naming the holder, and touches nothing. The main process holds it for all processes
+    of a run."""
     if not PartialState().is_main_process:
         yield
         return
-    handle = open(out / ".lock", "a+")
+    handle = lock_file(out)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise UserError(f"{out} is in use by another run ({holder}); wait for it to end or choose another "
-                            "--output-dir") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
         yield
     finally:
+        if [p.name for p in out.iterdir()] == [".lock"]:  # refused before it wrote anything: no litter, removed
+            (out / ".lock").unlink()  # while the lock is held, so no other run is using this folder
+            with suppress(OSError):  # not empty: another run has just come to it
+                out.rmdir()
         handle.close()  # releases the lock
-        if [p.name for p in out.iterdir()] == [".lock"]:  # a run refused before it wrote anything: no litter
-            (out / ".lock").unlink(missing_ok=True)
-            out.rmdir()
+
+
+def lock_file(out):
+    """out/.lock, open and locked by this process; a UserError when another run holds it. Only the holder removes
+    the file (locked: a run refused before writing anything): a lock taken on the file it removed guards nothing, so
+    then the lock is taken again, on a new out/.lock."""
+    while True:
+        out.mkdir(parents=True, exist_ok=True)  # the holder may have removed the folder too
+        try:
+            handle = open(out / ".lock", "a+")
+        except FileNotFoundError:  # ... just now
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{out} is in use by another run ({holder}); wait for it to end or choose another "
+                            "--output-dir") from None
+        with suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(out / ".lock"), os.fstat(handle.fileno())):
+                return handle
+        handle.close()
 
 
 def holds_run(out):
@@ -181,11 +200,11 @@ def checkpoint_step(out):
     return json.loads(state_file.read_text())["step"] if state_file.is_file() else None
 
 
-def what_is_kept(out):
-    """The line that ends an interrupted run: what it leaves, and how to go on."""
+def what_is_kept(out, cfg):
+    """The line that ends an interrupted run: what it leaves, and how to go on (--resume refuses --overwrite)."""
     if checkpoint_step(out) is not None:
-        line = (f"Interrupted: checkpoint saved at step {checkpoint_step(out)}. Resume with the same flags plus: "
-                f"--output-dir {out} --resume")
+        line = (f"Interrupted: checkpoint saved at step {checkpoint_step(out)}. Resume with the same flags"
+                f"{' without --overwrite' if cfg.overwrite else ''} plus: --output-dir {out} --resume")
     else:
         line = "Interrupted before the first checkpoint: nothing to resume (running again starts over)"
     if (out / ".replaced").exists():
@@ -298,7 +317,8 @@ def start_tracker(cfg, accelerator):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: everything --resume needs to continue exactly where a run stopped
 
-RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every", "audit"}
+RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every", "audit",
+                     "keep_checkpoint"}
 
 
 def new_state(cfg):
@@ -342,7 +362,25 @@ def read_checkpoint_state(out, cfg):
         raise UserError(f"cannot resume {out} with other settings ({'; '.join(changed)}): they would change the "
                         "result; resume with the run's own flags (only --epochs may change) or start a new run")
     state["config"] = now
-    return {**new_state(cfg), **state}  # a checkpoint from before a key was added: that key's start value
+    state = {**new_state(cfg), **state}  # a checkpoint from before a key was added: that key's start value
+    if epochs_left(state, cfg) and [p.name for p in (out / "checkpoint").iterdir()] == ["state.json"]:
+        raise UserError(f"{out} finished, and a finished run keeps only checkpoint/state.json, not the weights and "
+                        f"optimizer state that training on to --epochs {cfg.epochs} needs (unless it ran with "
+                        "--keep-checkpoint); start a new run, with --keep-checkpoint to extend it later")
+    return state
+
+
+def epochs_left(state, cfg):
+    """Whether a run (resumed, with `state` from its checkpoint) has training steps to do."""
+    return state["stopped"] is None and state["epoch"] <= cfg.epochs
+
+
+def drop_checkpoint_weights(out):
+    """What a finished run keeps of checkpoint/ without --keep-checkpoint: state.json (where it stopped, its log and
+    config; small). The weights, optimizer state and random states (about 3x the model) only serve to train on."""
+    for path in (out / "checkpoint").iterdir():
+        if path.name != "state.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def load_checkpoint(accelerator, out):
@@ -379,13 +417,13 @@ STOP = {"accelerator": None}  # set while training steps run: a stop request the
 
 
 @contextmanager
-def stop_on_signals(out):
+def stop_on_signals(out, cfg):
     """Ctrl-C or SIGTERM, at any phase, end the run with KeyboardInterrupt (exit code 130, and a line saying what
     is kept). During the training steps (graceful_stop) the request waits for the next optimizer step, which
     writes a checkpoint first; it is shared by all processes (accelerate's trigger), so they stop together.
     Elsewhere (reading data, validating, testing) it stops at once. A second Ctrl-C stops at once."""
     def request_stop(signum, frame):
-        signal.signal(signum, previous[signum])
+        signal.signal(signum, signal.default_int_handler)  # the second: KeyboardInterrupt, wherever the run is
         if STOP["accelerator"] is None:
             raise KeyboardInterrupt
         STOP["accelerator"].set_trigger()
@@ -397,7 +435,7 @@ def stop_on_signals(out):
     try:
         yield
     except KeyboardInterrupt:
-        say(f"\n{what_is_kept(out)}")
+        say(f"\n{what_is_kept(out, cfg)}")
         raise
     finally:
         for s, handler in previous.items():

@@ -9,16 +9,28 @@ Read top to bottom: model -> optimizer/schedule -> loop -> validate -> save best
 (reading, splits, tokenizing, batches) is in data.py; the output folder (checkpoints, resume, safe writes) in
 runs.py. In a notebook: `from train import train; metrics = train(Config(...))`.
 """
+import os
+import signal
 import sys
 
 from config import Config, UserError, parse_args_or_exit, settle
 
-if __name__ == "__main__":  # --help and a bad flag answer at once, before the imports below (seconds)
+
+def interrupted_before_the_run(signum, frame):
+    """Ctrl-C or SIGTERM before train() takes them over (runs.stop_on_signals), as during the imports below (seconds):
+    one line and exit code 130, as in every later phase, not a traceback (Ctrl-C) nor a silent exit 143 (SIGTERM)."""
+    if os.environ.get("RANK", "0") == "0":  # several processes (torchrun): the main one speaks
+        print("\nInterrupted before the run started: nothing written", flush=True)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # before the imports below: --help and a bad flag answer at once, and a stop is one line
+    signal.signal(signal.SIGINT, interrupted_before_the_run)
+    signal.signal(signal.SIGTERM, interrupted_before_the_run)
     CLI_CONFIG = parse_args_or_exit()
 
 import dataclasses
 import math
-import os
 import time
 from contextlib import nullcontext
 
@@ -35,10 +47,10 @@ import analysis
 import baseline
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
-from data import (check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs, load_data,
-                  make_loaders, model_inputs, offline_hint, tokenize, use_cache_only_if_offline)
-from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir,
-                  discard_earlier_run, failed_run, graceful_stop, load_checkpoint, locked, log_step,
+from data import (absolute_paths, check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs,
+                  load_data, make_loaders, model_inputs, offline_hint, tokenize, use_cache_only_if_offline)
+from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir, discard_earlier_run,
+                  drop_checkpoint_weights, epochs_left, failed_run, graceful_stop, load_checkpoint, locked, log_step,
                   model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
                   save_model, say, start_tracker, stop_on_signals, write_json)
 
@@ -110,6 +122,7 @@ def load_model(cfg, names, attention="sdpa", pairs=False):
         transformers.logging.set_verbosity(verbosity)
     model.config.truncation = cfg.truncation  # saved in best/config.json: predict.py cuts long texts alike
     model.config.text_pair = pairs  # and predict.py reads (text, pair) tuples, or "first<TAB>second" lines
+    model.config.max_len = cfg.max_len  # and cuts them at the length the model was trained and tested at
     outputs = f"{len(names)} {'labels' if cfg.problem == 'multi_label' else 'classes'}"
     report.new_weights(info, model.base_model_prefix, outputs, cfg.model)  # the new head; a warning if more
     return model
@@ -298,11 +311,15 @@ def setup(cfg, accelerator, state, out):
         data, names = load_data(cfg)
         cfg = settle(cfg, is_multi_label(data["train"]))  # the problem (multi-label?) and metric-for-best's auto
         check_same_inputs(state, "data", fingerprint(data, names), out)  # a resumed run: the same data
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                                  truncation_side="left" if cfg.truncation == "tail" else "right")
         texts = model_inputs(data["train"])  # the texts, or (text, pair) tuples
         check_tokenizer(tokenizer, texts, cfg.model)  # no tokenizer files: all [UNK]s
         lengths = report.length_stats(texts, tokenizer, cfg.max_len, cfg.seed)
         tokens = tokenize(data, tokenizer, cfg.max_len, cfg.truncation)
+    # saved in best/ with the tokenizer (and truncation_side): a plain pipeline(..., truncation=True) then cuts where
+    # training did, keeping the end for --truncation tail (head+tail is predict.py's alone)
+    tokenizer.model_max_length = cfg.max_len
     say(describe(data, names, cfg))
     say(report.describe_lengths(lengths, cfg.truncation))
     precision = accelerator.mixed_precision.replace("no", "fp32")
@@ -335,7 +352,7 @@ def train(cfg: Config):
     AcceleratorState._reset_state()  # accelerate keeps its settings per process: a notebook's next run may differ
     PartialState(cpu=several_cpu_processes)  # the processes meet first: they must agree on the output folder
     out = choose_output_dir(cfg)
-    with locked(out), stop_on_signals(out):
+    with locked(out), stop_on_signals(out, cfg):
         check_output_dir(out, cfg)
         state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
         accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
@@ -347,9 +364,11 @@ def train(cfg: Config):
         check_same_inputs(state, "model", model_fingerprint(cfg.model, load_model_config(cfg)), out)
         set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
         cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out)
-        if state["step"]:
+        if state["step"] and epochs_left(state, cfg):
             load_checkpoint(accelerator, out)
             say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
+        elif state["step"]:  # nothing left to train: the test of best/ again (a finished checkpoint has no weights)
+            say(f"{out} has trained its epochs: evaluating its best model again")
         try:
             if accelerator.is_main_process:
                 open_output_dir(out, state, cfg)
@@ -384,7 +403,8 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
                "baseline": reference[0], "baseline_skipped": reference[1],  # baseline.py: TF-IDF + LR, or why not
-               "config": dataclasses.asdict(cfg), "output_dir": str(out), "precision": precision,
+               "config": dataclasses.asdict(absolute_paths(cfg)),  # local data paths absolute: found from anywhere
+               "output_dir": str(out), "precision": precision,
                "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:
                "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
                "audit": None if audit_logits is None else {"n": sizes["train"], "suspects": len(quality["suspects"])},
@@ -398,6 +418,8 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
         save_findings(out, quality)  # the temperature into best/config.json, errors.jsonl, suspect_labels.jsonl
         write_json(out / "metrics.json", metrics)  # with best/, the essential output; the rest is nice to have
         discard_earlier_run(out)  # the outputs of the run this one replaces (--overwrite): this one has a result
+        if not cfg.keep_checkpoint:
+            drop_checkpoint_weights(out)  # 3x the model's size, needed only to train on (--resume --epochs N)
         report.write_pictures_and_card(out, state["log"], metrics, sizes, quality)
     report.optional_output(f"the {cfg.report_to} log", accelerator.log,
                            {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])

@@ -176,3 +176,84 @@ def test_fingerprint_follows_every_text_and_label(tmp_path):
     one_text[57] = (rows[57][0] + " film", rows[57][1])
     for variant in (one_label, one_text):
         assert fingerprint(*load(dataset=str(write_csv(tmp_path / "v.csv", variant)))) != first
+
+
+def write_everywhere(folder, rows):
+    """The same (text, label) rows as csv, tsv, a JSON array, JSON Lines, parquet and a folder of class folders."""
+    import pandas
+    frame = pandas.DataFrame(rows, columns=["text", "label"])
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(folder / "d.csv", index=False)
+    frame.to_csv(folder / "d.tsv", sep="\t", index=False)
+    (folder / "d.json").write_text(json.dumps([{"text": t, "label": label} for t, label in rows]))
+    write_jsonl(folder / "d.jsonl", [{"text": t, "label": label} for t, label in rows])
+    frame.to_parquet(folder / "d.parquet")
+    files = [folder / f"d.{ext}" for ext in ("csv", "tsv", "json", "jsonl", "parquet")]
+    if all(isinstance(label, str) for _, label in rows):
+        for i, (text, label) in enumerate(rows):
+            (folder / "classes" / label).mkdir(parents=True, exist_ok=True)
+            (folder / "classes" / label / f"{i}.txt").write_text(text)
+        files.append(folder / "classes")
+    return files
+
+
+def test_label_names_are_stripped_in_every_format_and_split(tmp_path):
+    """'pos', ' pos' and 'pos ' are one class, in every format, and a test file's 'neg ' is training's neg. They
+    were three classes (a csv with a trailing space on one row in five: 4 classes, test accuracy 0.375)."""
+    rows = relabel(toy_examples(60), ["neg", "pos", "neg ", " pos", "pos "])
+    test = write_csv(tmp_path / "test.csv", relabel(toy_examples(20, seed=1), [" neg", "pos  "]))
+    for path in write_everywhere(tmp_path / "train", rows):
+        data, names = load(dataset=str(path), test_file=str(test))
+        assert names == ["neg", "pos"], path
+        assert Counter(data["test"]["label"]) == {0: 10, 1: 10}
+        assert sum(len(split) for name, split in data.items() if name != "test") == 60
+    # a Hub-style ClassLabel whose names have spaces (datasets keeps the feature in the parquet file)
+    from datasets import ClassLabel, Dataset, Features, Value
+    hub = Dataset.from_dict({"text": [t for t, _ in rows], "label": [i % 2 for i in range(60)]},
+                            features=Features({"text": Value("string"), "label": ClassLabel(names=[" neg", "pos "])}))
+    hub.to_parquet(tmp_path / "hub.parquet")
+    data, names = load(dataset=str(tmp_path / "hub.parquet"))
+    assert names == ["neg", "pos"] and data["train"].features["label"].names == ["neg", "pos"]
+    assert sum((Counter(split["label"]) for split in data.values()), Counter()) == {0: 30, 1: 30}
+    # an empty name leaves a single-label text unlabelled: refused, as an empty cell always was
+    blank = relabel(toy_examples(20), ["neg", "pos", "neg", "  "])
+    for path in write_everywhere(tmp_path / "blank", blank)[:5]:
+        load_refused(r"5 training example\(s\) have no label; fill them in or remove them", dataset=str(path))
+
+
+def test_label_sets_are_stripped_and_an_empty_name_is_no_label(tmp_path):
+    """In JSON lists "pos", " pos" and "pos " were three labels, and "" a label with an empty name."""
+    rows = [(text, [["pos", " pos"], ["pos ", ""], [""], [" music", "pos"]][i % 4])
+            for i, (text, _) in enumerate(toy_examples(80))]
+    path = write_jsonl(tmp_path / "sets.jsonl", [{"text": t, "labels": labels} for t, labels in rows])
+    data, names = load(dataset=path)
+    assert names == ["music", "pos"]
+    sets = [tuple(v) for split in data.values() for v in split["label"]]
+    assert Counter(sets) == {(0.0, 1.0): 40, (0.0, 0.0): 20, (1.0, 1.0): 20}
+    csv_rows = [(text, [" pos ;music", "pos; ", " ", "music"][i % 4]) for i, (text, _) in enumerate(toy_examples(80))]
+    data, names = load(dataset=str(write_csv(tmp_path / "sets.csv", csv_rows)), label_sep=";")
+    assert names == ["music", "pos"]
+    assert Counter(tuple(v) for split in data.values() for v in split["label"]) == \
+        {(1.0, 1.0): 20, (0.0, 1.0): 20, (0.0, 0.0): 20, (1.0, 0.0): 20}
+
+
+def test_labels_that_differ_only_in_case_are_named_in_one_warning(tmp_path, capsys):
+    rows = relabel(toy_examples(60), ["pos", "Pos", "neg", "NEG", "neg"])
+    data, names = load(dataset=str(write_csv(tmp_path / "d.csv", rows)))
+    assert names == ["NEG", "Pos", "neg", "pos"]  # not merged: they may be meant apart
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "differ only in case" in line]
+    assert warnings == ["Warning: labels that differ only in case are separate classes: NEG / neg; Pos / pos; "
+                        "write them alike in the data if they are one"]
+
+
+@pytest.mark.parametrize("cells", [["['cast', 'music']", "['music']", "[]"], ['["cast","music"]', '["pos"]', "[]"]])
+def test_lists_written_in_csv_cells_are_refused_with_label_sep_too(tmp_path, cells):
+    """A pandas export of label lists: cut at --label-sep ',' it gave nine garbage labels ("['cast'", " 'music']"),
+    and [] a label named []. Refused in one line, with --label-sep or --problem multi_label, as without them."""
+    path = write_csv(tmp_path / "lists.csv", relabel(toy_examples(30), cells))
+    for overrides in (dict(label_sep=","), dict(label_sep=";"), dict(problem="multi_label"), {}):
+        message = load_refused(r"lists written as text", dataset=str(path), **overrides)
+        assert "[" in message and "--label-sep" in message
+    only_empty = write_csv(tmp_path / "empty-lists.csv", relabel(toy_examples(30), ["music", "[]", "cast;music"]))
+    load_refused(r"the train split's label column holds lists written as text \(\[\]\)", dataset=str(only_empty),
+                 label_sep=";")

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from PIL import Image
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from analysis import accuracy_at_coverage, ece, fit_temperature, nll
+from analysis import accuracy_at_coverage, calibrate, ece, fit_temperature, nll
 from conftest import ROOT
 from config import resolve
 from data import load_data, make_loaders, tokenize
@@ -77,10 +77,13 @@ def test_errors_are_exactly_the_misclassified_test_examples_most_confident_first
 def test_temperature_lowers_the_validation_loss_and_changes_no_prediction(run):
     cfg, metrics, out = run
     temperature = json.loads((out / "best" / "config.json").read_text())["calibration_temperature"]
-    assert temperature == metrics["test"]["temperature"] != 1 and metrics["test"]["calibrated_on"] == "validation"
     texts, labels, logits = split_of(cfg, "validation", out)
     assert len(set(texts) & set(dict(MISLABELED))) == 2  # the mistakes that make T a finite minimum
-    assert nll(logits, labels, temperature) < nll(logits, labels, 1.0)
+    # 42 validation texts with 2 mistakes: what analysis.calibrate decides (a held-out check), stored as decided
+    kept, skipped = calibrate(logits, labels)
+    assert temperature == metrics["test"]["temperature"] == pytest.approx(kept)
+    assert metrics["test"]["calibration_skipped"] == skipped and (skipped is None) == (temperature != 1)
+    assert nll(logits, labels, fit_temperature(logits, labels)) < nll(logits, labels, 1.0)
     assert torch.equal((logits / temperature).argmax(-1), logits.argmax(-1))
     # overconfident logits (x5) with 20% of the labels wrong: the fit cools them (T > 1), the loss falls
     generator = torch.Generator().manual_seed(0)
@@ -168,16 +171,20 @@ def test_min_confidence_abstains_exactly_below_the_threshold(run):
     assert set(rows[0]) == {"text", "label", "score", "probs"}
 
 
-def test_predict_divides_the_logits_by_the_stored_temperature(run):
+def test_predict_divides_the_logits_by_the_stored_temperature(run, tmp_path):
+    import shutil
     from predict import predict
     _, metrics, out = run
-    temperature = metrics["test"]["temperature"]
+    temperature = 0.7  # stored by hand: whether this run's validation split supports one is test_temperature_...'s
+    best = shutil.copytree(out / "best", tmp_path / "best")
+    config = json.loads((best / "config.json").read_text())
+    (best / "config.json").write_text(json.dumps({**config, "calibration_temperature": temperature}))
     texts = ["a great film", "the worst plot", "the movie was fun and dull", "it is the story of a cast"]
     tokenizer = AutoTokenizer.from_pretrained(out / "best")
     model = AutoModelForSequenceClassification.from_pretrained(out / "best")
     with torch.no_grad():
         raw = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.double()
-    rows = predict(texts, out / "best")
+    rows = predict(texts, best)
     for row, logits in zip(rows, raw):
         assert [row["probs"]["neg"], row["probs"]["pos"]] == pytest.approx((logits / temperature).softmax(-1).tolist(),
                                                                            abs=1e-6)

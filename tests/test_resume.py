@@ -102,11 +102,28 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_with
 def test_resume_refuses_changed_settings_but_allows_more_epochs(tiny_model, toy_csv, tmp_path):
     settings = dict(model=tiny_model, dataset=toy_csv, max_len=32, lr=3e-3, precision="fp32",
                     output_dir=str(tmp_path / "out"))
-    train(resolve(epochs=1, **settings))
+    train(resolve(epochs=1, keep_checkpoint=True, **settings))
     with pytest.raises(UserError, match=r"cannot resume .* \(--lr 0\.003 -> 0\.01\)"):
         train(resolve(epochs=2, resume=True, **{**settings, "lr": 1e-2}))
     metrics = train(resolve(epochs=2, resume=True, **settings))
     assert len((tmp_path / "out" / "log.jsonl").read_text().splitlines()) == 2 and metrics["best_epoch"] in (1, 2)
+
+
+def test_a_finished_run_keeps_of_its_checkpoint_only_the_state_unless_told(tiny_model, toy_csv, tmp_path, capsys):
+    settings = dict(model=tiny_model, dataset=toy_csv, max_len=32, lr=3e-3, precision="fp32", epochs=1)
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    first = train(resolve(output_dir=str(out), **settings))
+    assert [p.name for p in (out / "checkpoint").iterdir()] == ["state.json"]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 18
+    with pytest.raises(UserError, match=rf"^{out} finished, and a finished run keeps only checkpoint/state.json, "
+                                        r"not the weights .* --epochs 2 .*--keep-checkpoint"):
+        train(resolve(output_dir=str(out), resume=True, **{**settings, "epochs": 2}))
+    again = train(resolve(output_dir=str(out), resume=True, **settings))  # nothing left to train: tested again
+    assert again["test"] == first["test"] and "has trained its epochs" in capsys.readouterr().out
+    train(resolve(output_dir=str(kept), keep_checkpoint=True, **settings))
+    whole = sum(f.stat().st_size for f in (kept / "checkpoint").iterdir())
+    assert whole > 2 * (kept / "best" / "model.safetensors").stat().st_size  # weights, optimizer's two moments
+    assert train(resolve(output_dir=str(kept), resume=True, **{**settings, "epochs": 2}))["best_epoch"] in (1, 2)
 
 
 def test_resume_needs_an_output_dir():
