@@ -46,7 +46,7 @@ class Config:
     batch_size: int = 16  # training examples per batch, per device
     eval_batch_size: int = 64  # evaluation examples per batch, per device
     epochs: int = 3  # passes over the training split
-    lr: float = 2e-5  # peak learning rate of AdamW
+    lr: float = 2e-5  # peak learning rate of AdamW; with --lora-r and no --lr: 10x this (or 10x the preset's lr)
     weight_decay: float = 0.01  # AdamW weight decay (not on biases and LayerNorm weights)
     warmup_ratio: float = 0.06  # share of the optimizer steps spent warming the lr up from 0
     scheduler: str = "cosine"  # the lr after warmup
@@ -62,6 +62,10 @@ class Config:
     class_weights: str = "none"  # balanced = each class's loss weighted by inverse frequency, for skewed classes
     patience: int = 0  # stop after N validations without improvement of metric-for-best; 0 = train every epoch
     min_steps: int = 300  # small data: epochs raised until training takes at least this many optimizer steps; 0 = off
+    lora_r: int = 0  # LoRA's rank: train low-rank updates of the encoder's layers, and the head in full; 0 = train all
+    lora_alpha: int | None = None  # LoRA's scale: its updates are multiplied by alpha / r (none or 0 = 2 x lora-r)
+    lora_dropout: float = 0.1  # dropout on the input of LoRA's updates
+    lora_targets: str | None = None  # layers LoRA adapts: names, comma-separated, or all-linear (none: query, value)
     seed: int = 42  # the head's initialization, dropout, the splits and the batch order
     trust_remote_code: bool = False  # allow a Hub model or dataset to run its own code
     # output
@@ -76,6 +80,8 @@ class Config:
     audit: bool = True  # after training, list the training examples whose label the model doubts (below 100,000)
     baseline: bool = True  # fit TF-IDF + logistic regression on the same splits, shown beside the model (up to 10M chars)
 
+
+LORA_LR_FACTOR = 10  # LoRA wants about 10x the learning rate of full fine-tuning (docs/lora.md)
 
 AUDIT_LIMIT = 100_000  # --audit reads the training split again only when it is smaller than this
 BASELINE_LIMIT = 10_000_000  # --baseline runs when all splits' texts hold at most this many characters (README)
@@ -149,6 +155,15 @@ def validate(cfg):
     need(cfg.label_sep is None or cfg.problem != "single_label",
          "--label-sep splits a cell into several labels: that is --problem multi_label (or auto), not single_label")
     need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
+    need(cfg.lora_r >= 0, f"--lora-r must be >= 0 (0 = full fine-tuning), not {cfg.lora_r}")
+    need(cfg.lora_alpha is None or cfg.lora_alpha >= 0,
+         f"--lora-alpha must be >= 0 (0 = 2 x lora-r), not {cfg.lora_alpha}")
+    need(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), not {cfg.lora_dropout}")
+    targets = cfg.lora_targets.split(",") if cfg.lora_targets is not None else []
+    need(all(t.strip() for t in targets), f"--lora-targets takes comma-separated layer names, not '{cfg.lora_targets}'")
+    lora_only = [f"--{name.replace('_', '-')}" for name in ("lora_alpha", "lora_dropout", "lora_targets")
+                 if getattr(cfg, name) != getattr(Config, name)]
+    need(cfg.lora_r or not lora_only, f"{', '.join(lora_only)} is for LoRA: add --lora-r R (e.g. 8)")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, not {cfg.weight_decay}")
     need(cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), not {cfg.max_grad_norm}")
     need(0 <= cfg.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), not {cfg.warmup_ratio}")
@@ -239,7 +254,10 @@ def resolve(preset="imdb", **overrides):
     if preset not in PRESETS:
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     values = {name: value() if callable(value) else value for name, value in PRESETS[preset].items()}
-    return validate(Config(**{**values, **overrides, "preset": preset}))
+    values = {**values, **overrides, "preset": preset}
+    if values.get("lora_r") and "lr" not in overrides:  # no --lr given: the rate that suits LoRA
+        values["lr"] = LORA_LR_FACTOR * values.get("lr", Config.lr)
+    return validate(Config(**values))
 
 
 def parse_args_or_exit(argv=None):
@@ -284,4 +302,7 @@ def settle(cfg, multi_label):
     best = cfg.metric_for_best if cfg.metric_for_best != "auto" else "f1_micro" if multi_label else "accuracy"
     if best == "f1_micro" and not multi_label:
         raise UserError("--metric-for-best f1_micro is for multi-label data; with one class per text it is accuracy")
+    if cfg.threshold != Config.threshold and not multi_label:  # else accepted and never used
+        raise UserError("--threshold is for multi-label data; a single-label model predicts its likeliest class "
+                        "(to abstain on unsure texts: predict.py --min-confidence)")
     return dataclasses.replace(cfg, problem="multi_label" if multi_label else "single_label", metric_for_best=best)

@@ -204,19 +204,24 @@ def find_column(ds, given, candidates, what):
                     f"{', '.join(ds.column_names)}; name it with --{what}-column")
 
 
-def find_text_columns(ds, text_column=None, pair_column=None, need_pair=False):
+def find_text_columns(ds, text_column=None, pair_column=None, need_pair=None):
     """(text column, pair column or None). With neither named, two columns of the usual pair names (PAIR_COLUMNS, in
     any case) are a pair; else the text column is found as always and there is a pair only when one is named (its
-    text column then found by the pairs' names first: hypothesis -> premise). `need_pair`: a pair model's input."""
-    if text_column is None and pair_column is None:
-        lowered = {name.lower(): name for name in ds.column_names}
+    text column then found by the pairs' names first: hypothesis -> premise). `need_pair`: who needs pairs ("this model
+    reads", "the training data holds"), for the message when these are not pairs; a named first column of the usual pair
+    names (--text-column sentence1) then finds its partner (sentence2)."""
+    lowered = {name.lower(): name for name in ds.column_names}
+    if pair_column is None and (need_pair or text_column is None):
         for first, second in PAIR_COLUMNS:
-            if first in lowered and second in lowered:
+            if first in lowered and second in lowered and (text_column is None or text_column == lowered[first]):
                 return lowered[first], lowered[second]
     if need_pair and pair_column is None:
-        raise UserError(f"this model reads text pairs, and no pair of text columns was found (looked for "
-                        f"{', '.join('/'.join(pair) for pair in PAIR_COLUMNS)}); the columns are: "
-                        f"{', '.join(ds.column_names)}; name them with --text-column and --text-pair-column")
+        named = [second for first, second in PAIR_COLUMNS  # the first text's column is there: name its partner
+                 if first == (text_column or "").lower() or text_column is None and first in lowered]
+        looked = f"the pair column '{named[0]}'" if named else "a pair of text columns (" + ", ".join(
+            "/".join(pair) for pair in PAIR_COLUMNS) + ")"
+        raise UserError(f"{need_pair} text pairs, and {looked} was not found; the columns are: "
+                        f"{', '.join(ds.column_names)}; name the two with --text-column and --text-pair-column")
     if pair_column is None:
         return find_column(ds, text_column, TEXT_COLUMNS, "text"), None
     pair = find_column(ds, pair_column, (), "text pair")
@@ -293,12 +298,13 @@ def label_column_values(ds, column):
     return kind
 
 
-def standardize(ds, cfg, split, problem=None):
+def standardize(ds, cfg, split, problem=None, pairs=False):
     """Keep only the text (and pair) and label columns, named `text` (`text_pair`) and `label`, all strings (labels
     as class names; for multi-label, lists of them: see label_sets); the train split's ClassLabel names, if it has
     them, or None. `problem`: single_label or multi_label when known (the test split: as the training split), else
-    cfg.problem."""
-    text_col, pair_col = find_text_columns(ds, cfg.text_column, cfg.text_pair_column)
+    cfg.problem. `pairs`: the training split holds text pairs, so this one must too."""
+    text_col, pair_col = find_text_columns(ds, cfg.text_column, cfg.text_pair_column,
+                                           "the training data holds" if pairs else None)
     label_col = find_column(ds, cfg.label_column, LABEL_COLUMNS, "label")
     if text_col == label_col:
         raise UserError(f"the text and the label column are the same column '{text_col}'; name the other one with "
@@ -310,6 +316,9 @@ def standardize(ds, cfg, split, problem=None):
         raise UserError(f"the {split} split has no examples")
     kinds = [text_column_values(ds, text_col), label_column_values(ds, label_col)]
     kinds += [text_column_values(ds, pair_col, "text pair")] if pair_col else []
+    if problem == "single_label" and kinds[1] == "lists":  # the test split, of a single-label training split
+        raise UserError(f"the {split} split's label column '{label_col}' holds lists (sets of labels) and the "
+                        "training data single labels; give both splits the same kind of labels")
     multi = multi_label(problem or cfg.problem, cfg.label_sep, kinds[1], ds[label_col], label_col)
     if pair_col and split == "train":
         say(f"Text pairs: '{text_col}' and '{pair_col}', read together (the tokenizer's pair encoding)")
@@ -509,7 +518,13 @@ def stratified_split(ds, size, seed, what):
 
 def subsample(ds, n, seed, what):
     """A seeded, stratified sample of n examples (never the first n: files are often sorted by label)."""
-    return ds if n is None or n >= len(ds) else stratified_split(ds, n, seed, what)[1]
+    if n is None or n >= len(ds):
+        return ds
+    classes = 0 if is_multi_label(ds) else len(set(ds["label"]))
+    if n < classes:  # stratified, every class present in the split needs one
+        raise UserError(f"--{'train' if what == 'train' else 'eval'}-samples {n} is fewer than the {classes} classes "
+                        f"of the {what} split: a sample in class proportions needs at least one of each")
+    return stratified_split(ds, n, seed, what)[1]
 
 
 def load_data(cfg):
@@ -537,11 +552,10 @@ def load_data(cfg):
     if test is None:
         train, test = stratified_split(train, cfg.test_fraction, cfg.seed, "test")
     else:
-        test = standardize(test, cfg, "test", "multi_label" if multi else "single_label")[0]
-        if is_pairs(test) != is_pairs(train):
-            raise UserError(f"the {'training' if is_pairs(train) else 'test'} split holds text pairs and the "
-                            f"{'test' if is_pairs(train) else 'training'} split single texts; name the same columns "
-                            "in both with --text-column and --text-pair-column")
+        test = standardize(test, cfg, "test", "multi_label" if multi else "single_label", is_pairs(train))[0]
+        if is_pairs(test) and not is_pairs(train):  # the reverse is refused as the test split is read
+            raise UserError("the test split holds text pairs and the training split single texts; name the same "
+                            "columns in both with --text-column and --text-pair-column")
         if not multi:
             check_labels(test, "test")
         test = encode_labels(drop_empty_texts(test, "test"), names, "test")

@@ -255,7 +255,7 @@ def read_texts(path, text_column=None, encoding="utf-8", pair_column=None, pairs
         raise UserError(f"{path}: could not be read ({e.strerror or first_line(e)})") from None
     if not pairs:
         return [as_text(t) for t in table[find_column(table, text_column, TEXT_COLUMNS, "text")]]
-    first, second = find_text_columns(table, text_column, pair_column, need_pair=True)
+    first, second = find_text_columns(table, text_column, pair_column, need_pair="this model reads")
     return [(as_text(a), as_text(b)) for a, b in zip(table[first], table[second])]
 
 

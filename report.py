@@ -363,9 +363,9 @@ def good_enough(metrics, mistakes, shown=10):
     return lines
 
 
-def model_card(metrics, sizes, mistakes=(), pairs=False):
+def model_card(metrics, sizes, mistakes=(), pairs=False, lora=None):
     """best/README.md in the Hugging Face model-card format: YAML header, then what a reader wants to know. `pairs`:
-    the model reads text pairs (its usage example passes two texts)."""
+    the model reads text pairs (its usage example passes two texts); `lora`: adapter/'s adapter_config.json."""
     cfg, test = metrics["config"], metrics["test"]
     base_model, dataset = hub_id(cfg["model"]), hub_id(cfg["dataset"])
     sets = "exact_match" in test  # multi-label
@@ -381,7 +381,8 @@ def model_card(metrics, sizes, mistakes=(), pairs=False):
               **({"base_model": base_model} if base_model else {}), **({"datasets": [dataset]} if dataset else {}),
               "metrics": ["accuracy", "f1"], "model-index": [{"name": "text-classifier", "results": [results]}]}
     hyper = {k: cfg[k] for k in ("max_len", "batch_size", "grad_accum", "epochs", "lr", "weight_decay",
-                                 "warmup_ratio", "scheduler", "max_grad_norm", "seed")}
+                                 "warmup_ratio", "scheduler", "max_grad_norm", "seed")
+             + (("lora_r", "lora_alpha", "lora_dropout", "lora_targets") if lora else ())}
     lines = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
              f"# Text classifier fine-tuned from `{cfg['model']}`", "",
              (f"Labels (multi-label: any number per text, each predicted at probability ≥ {test['threshold']:.2f}, "
@@ -389,7 +390,7 @@ def model_card(metrics, sizes, mistakes=(), pairs=False):
              f"{', '.join(test['labels'])}. Trained with this project's `train.py` on `{cfg['dataset']}`"
              f" ({', '.join(f'{n:,} {split}' for split, n in sizes.items())}); best epoch "
              f"{metrics['best_epoch']} of {cfg['epochs']}, {metrics['precision']}, {metrics['num_processes']} "
-             "process(es).", "", "## Results on the test split", "",
+             "process(es)." + (lora_sentence(lora) if lora else ""), "", "## Results on the test split", "",
              "| metric | value |", "|---|---|", *(f"| {name} | {test[key]:.4f} |" for name, _, key in named),
              f"| examples | {test['n']:,} |", "",
              f"| {'label' if sets else 'class'} | precision | recall | F1 | support |", "|---|---|---|---|---|"]
@@ -407,8 +408,18 @@ def model_card(metrics, sizes, mistakes=(), pairs=False):
     return "\n".join(lines)
 
 
+def lora_sentence(lora):
+    """What LoRA trained, from the adapter's own config (its targets: peft's resolved layer names, shortened)."""
+    layers = sorted({name.rsplit(".", 1)[-1] for name in lora["target_modules"]} - set(lora["modules_to_save"]))
+    return (f" Fine-tuned with LoRA (r={lora['r']}, alpha {lora['lora_alpha']}, dropout {lora['lora_dropout']}) on "
+            f"the layers {', '.join(layers)}, the classification head trained in full. The LoRA updates are merged "
+            "into this model's weights; `adapter/` holds them alone (peft), for use on the base model.")
+
+
 def write_model_card(metrics, sizes, folder, mistakes=()):
     card = folder / "README.md.tmp"
     pairs = json.loads((folder / "config.json").read_text()).get("text_pair", False)  # the model reads pairs
-    card.write_text(model_card(metrics, sizes, mistakes, pairs))
+    adapter = folder / "adapter" / "adapter_config.json"  # a LoRA run's
+    lora = json.loads(adapter.read_text()) if adapter.is_file() else None
+    card.write_text(model_card(metrics, sizes, mistakes, pairs, lora))
     os.replace(card, card.with_suffix(""))  # atomic: the old card or the new one, never half of one

@@ -1,6 +1,7 @@
 """The output folder of a run: choosing it, writing into it so that nothing is ever left half-written and an
 earlier run is never overwritten by accident, checkpoints and what --resume checks before it continues, and the
 signals that stop a run cleanly. Also `say`: what a run prints, from the main process only."""
+import copy
 import dataclasses
 import errno
 import fcntl
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+from peft import PeftModel
 
 from config import UserError, resolve
 
@@ -33,6 +35,14 @@ def say(*args, **kwargs):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output folder: nothing is left half-written, and an earlier run is never overwritten by accident
+
+def say_if_launched_as_one():
+    """`accelerate launch --num_processes N` without --multi_gpu starts ONE process where there are no GPUs
+    (accelerate 1.x's simple launcher: it sets MASTER_ADDR, as for N processes, but no WORLD_SIZE). Say so."""
+    if "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        say("Warning: accelerate launch was asked for several processes and started one; on CPUs run "
+            "accelerate launch --multi_gpu --num_processes N train.py ... (or torchrun --nproc_per_node N train.py ...)")
+
 
 def choose_output_dir(cfg):
     """A new runs/<name>-<time> folder unless given (created at once, so two runs started in the same second
@@ -275,13 +285,21 @@ def save_model(model, tokenizer, folder, accelerator):
     if accelerator.is_main_process:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(tmp)
+        model = accelerator.unwrap_model(model, keep_torch_compile=False)
+        if isinstance(model, PeftModel):  # LoRA: the updates merged into a plain model; the adapter alone beside it
+            model.save_pretrained(tmp / "adapter")
+            (tmp / "adapter" / "README.md").unlink(missing_ok=True)  # peft's blank card; best/README.md is the card
+            model = copy.deepcopy(model).merge_and_unload()  # a merged copy: the model in training keeps its LoRA
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not folder.exists():
             tmp.rename(folder)
         else:
             for file in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".safetensors"):  # the weights last
-                os.replace(file, folder / file.name)
+                if file.is_dir():
+                    swap_in(file, folder / file.name)  # adapter/
+                else:
+                    os.replace(file, folder / file.name)
             tmp.rmdir()
     accelerator.wait_for_everyone()
 
@@ -343,6 +361,17 @@ def save_checkpoint(out, state, accelerator):
     accelerator.wait_for_everyone()
 
 
+def save_only_trainable_weights(accelerator):
+    """LoRA: the checkpoints hold only the weights that train (and, as always, their optimizer state); the frozen
+    ones are the base model's, loaded from it again on --resume (load_checkpoint, strict=False)."""
+    def drop_frozen(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            for name, parameter in model.named_parameters():
+                if not parameter.requires_grad:
+                    state.pop(name, None)
+    accelerator.register_save_state_pre_hook(drop_frozen)
+
+
 def read_checkpoint_state(out, cfg):
     """The saved state, if the run in `out` can be continued with this config (checked before anything loads);
     a new state where the run never reached its first checkpoint."""
@@ -383,9 +412,9 @@ def drop_checkpoint_weights(out):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def load_checkpoint(accelerator, out):
-    try:
-        accelerator.load_state(out / "checkpoint")  # model, optimizer, schedule, scaler, RNG (weights_only loads)
+def load_checkpoint(accelerator, out, strict=True):
+    try:  # model, optimizer, schedule, scaler, RNG (weights_only loads); strict: every weight of the model is in it
+        accelerator.load_state(out / "checkpoint", strict=strict)
     except Exception as e:
         raise UserError(f"the checkpoint in {out} is damaged ({type(e).__name__}: {str(e)[:200]}); replace the run "
                         "with --overwrite") from None

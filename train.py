@@ -32,6 +32,7 @@ if __name__ == "__main__":  # before the imports below: --help and a bad flag an
 import dataclasses
 import math
 import time
+import warnings
 from contextlib import nullcontext
 
 import datasets
@@ -40,6 +41,8 @@ import transformers
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
+from peft import LoraConfig, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
@@ -52,7 +55,8 @@ from data import (absolute_paths, check_tokenizer, class_weights, describe, fing
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir, discard_earlier_run,
                   drop_checkpoint_weights, epochs_left, failed_run, graceful_stop, load_checkpoint, locked, log_step,
                   model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
-                  save_model, say, start_tracker, stop_on_signals, write_json)
+                  save_model, save_only_trainable_weights, say, say_if_launched_as_one, start_tracker,
+                  stop_on_signals, write_json)
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
 datasets.disable_progress_bars()
@@ -113,7 +117,8 @@ def load_model(cfg, names, attention="sdpa", pairs=False):
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True,
             problem_type="multi_label_classification" if cfg.problem == "multi_label" else None,  # None: the usual
             output_loading_info=True, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=attention)
+            attn_implementation=attention,
+            dtype=torch.float32)  # weights stored in fp16 or bf16, trained as stored, lost their updates (a nan loss)
     except Exception as e:  # .bin-only weights (only safetensors are loaded), a truncated file: one line
         if not isinstance(e, OSError) and type(e).__name__ != "SafetensorError":
             raise
@@ -125,7 +130,51 @@ def load_model(cfg, names, attention="sdpa", pairs=False):
     model.config.max_len = cfg.max_len  # and cuts them at the length the model was trained and tested at
     outputs = f"{len(names)} {'labels' if cfg.problem == 'multi_label' else 'classes'}"
     report.new_weights(info, model.base_model_prefix, outputs, cfg.model)  # the new head; a warning if more
-    return model
+    return add_lora(model, cfg) if cfg.lora_r else model
+
+
+# peft's table of the layers LoRA adapts by default lacks DistilBERT, our default model: its attention's query and
+# value, as peft has them for BERT
+LORA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
+
+
+def add_lora(model, cfg):
+    """LoRA through peft: the encoder frozen, low-rank updates trained beside its --lora-targets layers, and the
+    classification head trained in full: every module outside the encoder (peft's SEQ_CLS alone would leave
+    DistilBERT's new pre_classifier frozen at its random start)."""
+    head = [name for name, module in model.named_children()
+            if name != model.base_model_prefix and next(module.parameters(), None) is not None]
+    if cfg.lora_targets in (None, "all-linear"):
+        targets = cfg.lora_targets or LORA_TARGETS.get(model.config.model_type)  # None: peft's for the architecture
+    else:
+        targets = [name.strip() for name in cfg.lora_targets.split(",")]
+        encoder = [name for name, _ in model.get_submodule(model.base_model_prefix).named_modules()]
+        unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in encoder)]
+        if unknown:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.get_submodule(model.base_model_prefix)
+                             .named_modules() if isinstance(m, torch.nn.Linear)})
+            raise UserError(f"--lora-targets {', '.join(unknown)}: no such layer in {cfg.model}; its linear layers are "
+                            f"{', '.join(linear)} (or pass all-linear)")
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+                      lora_dropout=cfg.lora_dropout, target_modules=targets, modules_to_save=head)
+    try:
+        with warnings.catch_warnings():  # a deprecation inside peft's own calls to transformers: nothing to act on
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, lora)
+    except ValueError as e:  # no default layers for this architecture; layers LoRA cannot adapt
+        hint = " (name them with --lora-targets, or pass all-linear)" if targets is None else ""
+        raise UserError(f"LoRA on {cfg.model} ({model.config.model_type}): {str(e).splitlines()[0]}{hint}") from None
+
+
+def parameters_line(model, lora_r):
+    """'66.9M parameters'; with LoRA: how many train, of the model as best/ saves it (the updates merged in)."""
+    if not lora_r:
+        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters"
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    saved = sum(p.numel() for p in model.parameters() if not p.requires_grad)  # the head's frozen copy counts once
+    layers = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraLayer)})
+    return f"{trained / 1e6:.3g}M of {saved / 1e6:.3g}M parameters trained: LoRA r={lora_r} on {', '.join(layers)}, " \
+        "the head in full"
 
 
 def start_at_the_prior(model, labels, n, balanced=False):
@@ -343,12 +392,14 @@ def setup(cfg, accelerator, state, out):
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
     cfg = enough_epochs(cfg, math.ceil(len(loaders["train"]) / cfg.grad_accum))
+    if cfg.lora_r:
+        save_only_trainable_weights(accelerator)  # a checkpoint of megabytes: the frozen weights are the model's
     total_steps = math.ceil(len(loaders["train"]) / cfg.grad_accum) * cfg.epochs  # optimizer steps, per process
     scheduler = accelerator.prepare(get_scheduler(
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
     n = accelerator.num_processes
-    say(f"Model: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters) · {precision}, "
+    say(f"Model: {cfg.model} ({parameters_line(model, cfg.lora_r)}) · {precision}, "
         f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × "
         f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps")
     return cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths
@@ -362,6 +413,7 @@ def train(cfg: Config):
     if capability and capability >= (8, 0):
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the matmuls left in fp32
     several_cpu_processes = capability is None and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
+    say_if_launched_as_one()
     AcceleratorState._reset_state()  # accelerate keeps its settings per process: a notebook's next run may differ
     PartialState(cpu=several_cpu_processes)  # the processes meet first: they must agree on the output folder
     out = choose_output_dir(cfg)
@@ -378,7 +430,7 @@ def train(cfg: Config):
         set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
         cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out)
         if state["step"] and epochs_left(state, cfg):
-            load_checkpoint(accelerator, out)
+            load_checkpoint(accelerator, out, strict=not cfg.lora_r)  # LoRA: the frozen weights are not in it
             say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
         elif state["step"]:  # nothing left to train: the test of best/ again (a finished checkpoint has no weights)
             say(f"{out} has trained its epochs: evaluating its best model again")

@@ -40,6 +40,7 @@ def test_notebook_argv_is_ignored(monkeypatch):
 
 def test_argv_is_read_outside_a_notebook(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--epochs", "5"])
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # imported by the notebook's test, if run before
     assert parse_args().epochs == 5
 
 

@@ -77,3 +77,27 @@ def test_each_example_is_trained_on_exactly_once_per_epoch():
     for epoch in epochs:
         assert sorted(epoch["seen"]) == list(range(41)) and epoch["batches"] == 6
     assert epochs[0]["seen"] != epochs[1]["seen"]
+
+
+def test_accelerate_launch_of_several_processes_that_starts_one_says_so(tmp_path):
+    """accelerate launch --num_processes 2 without --multi_gpu starts ONE process on a machine without GPUs, which
+    then runs as asked for one: the line says so and how to get two; with --multi_gpu there are two, and no line."""
+    script = tmp_path / "launched.py"
+    script.write_text("import os\nfrom runs import say_if_launched_as_one\nsay_if_launched_as_one()\n"
+                      "print('process', os.environ.get('RANK', '0'))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def launch(*flags):
+        run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *flags, str(script)], cwd=ROOT,
+                             capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run.stdout
+    one = launch("--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no")
+    assert one.count("process ") == 1
+    assert "Warning: accelerate launch was asked for several processes and started one; on CPUs run accelerate " \
+           "launch --multi_gpu --num_processes N" in one
+    two = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                 "--dynamo_backend", "no")
+    assert sorted(line for line in two.splitlines() if line.startswith("process")) == ["process 0", "process 1"]
+    assert "Warning" not in two

@@ -167,8 +167,15 @@ def test_bad_pair_data_is_refused_in_one_line(tmp_path):
     load_refused("the text pair column 'sentence2' holds numbers, not text; name the column of texts with "
                  "--text-pair-column", dataset=str(numbers))
     single = write_csv(tmp_path / "single.csv", [(a, label) for a, _, label in agreement_pairs(20, seed=2)])
-    load_refused("the training split holds text pairs and the test split single texts", dataset=path,
+    load_refused(r"^the training data holds text pairs, and a pair of text columns \(sentence1/sentence2, ", dataset=path,
                  test_file=str(single))
+    first_only = write_csv(tmp_path / "first.csv", [(a, label) for a, _, label in agreement_pairs(20, seed=2)],
+                           ("sentence1", "label"))  # its pair column is missing: named, not "no text column found"
+    load_refused(r"^the training data holds text pairs, and the pair column 'sentence2' was not found; the columns "
+                 "are: sentence1, label;", dataset=path, test_file=str(first_only))
+    pairs_to_single = write_csv(tmp_path / "single-train.csv", [(a, label) for a, _, label in agreement_pairs(40)])
+    load_refused("the test split holds text pairs and the training split single texts", dataset=str(pairs_to_single),
+                 test_file=path)
 
 
 def test_predict_refuses_what_a_pair_model_cannot_read(pair_run, encoder, tmp_path):
@@ -178,8 +185,11 @@ def test_predict_refuses_what_a_pair_model_cannot_read(pair_run, encoder, tmp_pa
                                                                    "pairs, each as first<TAB>second")
     refused(run_main(predict, best, stdin=b"good\tfun\nbad\tplot\tdull\n"), "standard input, line 2: 2 tabs")
     (tmp_path / "single.csv").write_text("text,label\na great film,same\n")
-    refused(run_main(predict, best, "--file", tmp_path / "single.csv"), "this model reads text pairs, and no pair "
-                                                                        "of text columns was found")
+    refused(run_main(predict, best, "--file", tmp_path / "single.csv"), "this model reads text pairs, and a pair "
+                                                                        "of text columns (sentence1/sentence2, ")
+    (tmp_path / "first.csv").write_text("sentence1,label\na great film,same\n")
+    refused(run_main(predict, best, "--file", tmp_path / "first.csv", "--text-column", "sentence1"),
+            "this model reads text pairs, and the pair column 'sentence2' was not found; the columns are: sentence1, ")
     refused(run_main(predict, best, "--file", tmp_path / "single.csv", "--text-pair-column", "other"),
             "text pair column 'other' not found; the columns are: text, label")
     refused(run_main(predict, encoder, "--text-pair-column", "b", "a great film"),
@@ -205,6 +215,9 @@ def test_predict_on_a_table_gives_what_the_trained_model_gave(pair_run, pair_fil
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert wrong == sorted((e["text"], e["text_pair"], e["label"]) for e in errors)  # the very same mistakes
     assert 1 - len(wrong) / len(test) == pytest.approx(metrics["test"]["accuracy"])
+    # the first text's column named, as a user would: its partner found (not "no pair of columns", listing it)
+    named = run_main(predict, out / "best", "--file", pair_files[1], "--format", "csv", "--text-column", "sentence1")
+    assert named == (code, stdout, "")
 
 
 def test_predict_on_tab_separated_lines_and_in_python(pair_run):

@@ -85,6 +85,30 @@ def test_too_few_examples(tmp_path, tiny):
     refused(tmp_path, "too few examples", dataset=str(write_csv(tmp_path / "d.csv", toy_examples(4))), **tiny)
 
 
+def test_sample_sizes_fewer_than_the_classes_name_the_flag(tmp_path, toy_csv, tiny):
+    """Not "too few examples (80)": the data is big enough, the flag's value is what is too small."""
+    refused(tmp_path, r"^--eval-samples 1 is fewer than the 2 classes of the test split", dataset=toy_csv,
+            eval_samples=1, **tiny)
+    refused(tmp_path, r"^--train-samples 1 is fewer than the 2 classes of the train split", dataset=toy_csv,
+            train_samples=1, **tiny)
+
+
+def test_label_lists_in_the_test_file_of_a_single_label_run(tmp_path, tiny):
+    """The problem is auto and the training labels single: the message says the two files disagree (not "that is
+    --problem multi_label (or auto)", which it already is)."""
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"text": t, "label": [label]}) + "\n" for t, label in toy_examples(20)))
+    refused(tmp_path, r"^the test split's label column 'label' holds lists \(sets of labels\) and the training data "
+            "single labels", dataset=str(write_csv(tmp_path / "train.csv", toy_examples(60))), test_file=str(test_file),
+            **tiny)
+
+
+def test_threshold_on_single_label_data_is_refused(tmp_path, toy_csv, tiny):
+    """It would be accepted and never used: a single-label model predicts its likeliest class."""
+    refused(tmp_path, r"^--threshold is for multi-label data; .* predict.py --min-confidence", dataset=toy_csv,
+            threshold=0.3, **tiny)
+
+
 def test_empty_texts_are_dropped_or_refused(tmp_path, tiny, capsys):
     rows = toy_examples(100) + [("   ", "pos"), ("", "neg")]
     metrics = train(resolve(dataset=str(write_csv(tmp_path / "d.csv", rows)), output_dir=str(tmp_path / "out"), **tiny))

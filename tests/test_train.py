@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from transformers import pipeline
+from transformers import AutoTokenizer, pipeline
 
 from toy import toy_examples, write_csv
 from config import resolve
@@ -101,6 +101,18 @@ def test_same_seed_same_metrics(tmp_path, fast, toy_csv):
     assert first["test"] == second["test"] and first["val"] == second["val"]
     third = run(tmp_path / "c", toy_csv, **{**fast, "epochs": 1, "seed": 7})
     assert third["val"]["loss"] != first["val"]["loss"]
+
+
+def test_a_model_stored_in_fp16_trains_in_fp32(tmp_path, fast, toy_csv, tiny_model):
+    """Checkpoints are often shared in fp16: loaded as stored, the training loss became nan at step 2. The weights
+    are loaded in fp32 (autocast, not the stored dtype, decides the matmuls' precision), and best/ is fp32."""
+    from transformers import AutoModel
+    half = tmp_path / "fp16"
+    AutoModel.from_pretrained(tiny_model).half().save_pretrained(half)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(half)
+    metrics = run(tmp_path, toy_csv, **{**fast, "model": str(half)})
+    assert metrics["test"]["accuracy"] >= 0.75  # chance is 0.5
+    assert json.loads((tmp_path / "out" / "best" / "config.json").read_text())["dtype"] == "float32"
 
 
 def test_reloaded_model_predicts_the_same(tmp_path, fast, toy_csv):
