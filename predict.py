@@ -23,14 +23,21 @@ In Python: `from predict import predict; predict(["A wonderful film."], "runs/im
 `predict([("A man sleeps.", "Nobody sleeps.")], "runs/nli-.../best")`.
 """
 import codecs
+import contextlib
 import csv
 import functools
+import io
 import math
 import os
+import shutil
 import sys
+import tempfile
+import types
 from pathlib import Path
 
 import datasets
+import pandas
+import pyarrow.parquet
 import torch
 import transformers
 from tqdm.auto import tqdm
@@ -45,6 +52,7 @@ datasets.disable_progress_bars()  # reading a csv/jsonl --file: our output only
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.*", "*.model")  # fast tokenizers; WordPiece/BPE; SentencePiece
+CHUNK = 4096  # texts read, predicted and written at a time: memory stays flat whatever the size of the input
 
 
 def first_line(error):
@@ -72,10 +80,17 @@ def load_classifier(model_dir, device=None):
     return model.to(device).eval(), tokenizer
 
 
-def batches_by_length(encodings, batch_size):
-    """Index batches of similar length (less padding, faster); the caller puts results back in input order."""
+def batches_by_length(encodings, batch_size, max_tokens=None):
+    """Index batches of similar length (less padding, faster); the caller puts results back in input order. With
+    `max_tokens`, a batch also ends before its padded size (texts x the longest) would pass that many tokens."""
     order = sorted(range(len(encodings)), key=lambda i: len(encodings[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [[]]
+    for i in order:  # the longest so far is the last one: sorted
+        if batches[-1] and (len(batches[-1]) == batch_size or
+                            max_tokens and (len(batches[-1]) + 1) * len(encodings[i]) > max_tokens):
+            batches.append([])
+        batches[-1].append(i)
+    return batches if order else []
 
 
 def torch_forward(model):
@@ -83,14 +98,21 @@ def torch_forward(model):
     return lambda inputs: model(**inputs.to(model.device)).logits.float().cpu()
 
 
-@torch.no_grad()
 def predict_logits(texts, tokenizer, forward, batch_size=64, max_len=None, progress=False, truncation="head"):
     """Logits, one row per text (or (text, pair) tuple), in the texts' order. Long texts are cut to max_len as in
     training (data.encode; `truncation`: head, tail or head+tail, the model's own in predict()), not refused."""
     encoded = encode(tokenizer, list(texts), max_len or tokenizer.model_max_length, truncation)
+    return encoded_logits(encoded, tokenizer, forward, batch_size, progress=progress)
+
+
+@torch.no_grad()
+def encoded_logits(encoded, tokenizer, forward, batch_size=64, max_tokens=None, progress=False):
+    """predict_logits for texts already encoded ({"input_ids": [...], ...} as data.encode gives): serve.py encodes
+    each request as it comes and runs many requests' texts together."""
     ids = encoded["input_ids"]
     rows = [None] * len(ids)
-    for batch in tqdm(batches_by_length(ids, batch_size), desc="predicting", disable=not progress, file=sys.stderr):
+    for batch in tqdm(batches_by_length(ids, batch_size, max_tokens), desc="predicting", disable=not progress,
+                      file=sys.stderr):
         logits = forward(tokenizer.pad({key: [values[i] for i in batch] for key, values in encoded.items()},
                                        return_tensors="pt"))
         for i, row in zip(batch, logits):
@@ -144,25 +166,40 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     Multi-label models: sigmoid probabilities, and "labels": those at `threshold` or above (default: the model's)."""
     if max_len is not None and max_len < 1:
         raise UserError(f"max_len must be at least 1, not {max_len}")
+    model, tokenizer = load_classifier(str(model_dir))
+    check_options(model, tokenizer, max_len, min_confidence, threshold)
+    texts = check_inputs(texts, reads_pairs(model))
+    if not texts:
+        return []
+    logits = predict_logits(texts, tokenizer, torch_forward(model), batch_size, max_tokens(model, tokenizer, max_len),
+                            progress, truncation_of(model))  # as the model was trained
+    return results_of(texts, logits, model, top_k, min_confidence, threshold)
+
+
+def check_options(model, tokenizer, max_len=None, min_confidence=None, threshold=None):
+    """The options of predict() that this model cannot take: a UserError that says why."""
     if min_confidence is not None and not 0 <= min_confidence <= 1:
         raise UserError(f"min_confidence must be a probability, in [0, 1], not {min_confidence}")
-    model, tokenizer = load_classifier(str(model_dir))
     multi = model.config.problem_type == "multi_label_classification"
     if multi and min_confidence is not None:
         raise UserError("--min-confidence is for single-label models: a multi-label model predicts each label at its "
                         "threshold (--threshold)")
     if not multi and threshold is not None:
         raise UserError("--threshold is for multi-label models: a single-label model abstains below --min-confidence")
-    pairs = reads_pairs(model)
-    texts = check_inputs(texts, pairs)
-    special = tokenizer.num_special_tokens_to_add(pair=pairs)
+    special = tokenizer.num_special_tokens_to_add(pair=reads_pairs(model))
     if max_len is not None and max_len <= special:  # the tokenizer would then not truncate at all
         raise UserError(f"max_len {max_len} leaves no room for text: this model adds {special} special tokens to "
                         f"each, so use at least {special + 1}")
-    if not texts:
-        return []
-    logits = predict_logits(texts, tokenizer, torch_forward(model), batch_size, max_tokens(model, tokenizer, max_len),
-                            progress, getattr(model.config, "truncation", "head"))  # as the model was trained
+
+
+def truncation_of(model):
+    """How train.py cut long texts for this model (head, tail or head+tail; `truncation` in its config.json)."""
+    return getattr(model.config, "truncation", "head")
+
+
+def results_of(texts, logits, model, top_k=None, min_confidence=None, threshold=None):
+    """predict()'s rows from the texts' logits (calibrated probabilities, the label or None, multi-label sets)."""
+    multi = model.config.problem_type == "multi_label_classification"
     # float64: scores near 1 stay apart, as in train.py
     probs = logits.double().sigmoid() if multi else (logits.double() / temperature(model)).softmax(-1)
     names, cut = model.config.id2label, label_threshold(model, threshold) if multi else None
@@ -170,7 +207,7 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     for text, row in zip(texts, probs.tolist()):
         ranked = sorted(range(len(row)), key=lambda c: -row[c])
         sure = row[ranked[0]] >= cut if multi else min_confidence is None or row[ranked[0]] >= min_confidence
-        given = {"text": text[0], "text_pair": text[1]} if pairs else {"text": text}
+        given = {"text": text[0], "text_pair": text[1]} if isinstance(text, tuple) else {"text": text}
         results.append({**given, "label": names[ranked[0]] if sure else None, "score": row[ranked[0]],
                         "probs": {names[c]: row[c] for c in ranked[:top_k]}})
         if multi:
@@ -196,11 +233,12 @@ def split_lines(text):
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def split_pairs(lines, where):
+def split_pairs(lines, where, first=1):
     """"first<TAB>second" lines (or arguments) -> (first, second) tuples, for a pair model. A line without a tab is
-    refused, and so is one with several (which tab splits the pair?): `where` names the line, "... {}" its number."""
+    refused, and so is one with several (which tab splits the pair?): `where` names the line, "... {}" its number
+    (`first`: the number of lines[0])."""
     pairs = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(lines, first):
         parts = line.split("\t")
         if len(parts) != 2:
             found = "no tab" if len(parts) == 1 else f"{len(parts) - 1} tabs"
@@ -217,14 +255,6 @@ def check_encoding(encoding):
         raise UserError(f"unknown --encoding '{encoding}'") from None
 
 
-def decode(data, where, encoding):
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"{where}, line {line}: not valid {encoding}; pass --encoding (e.g. latin-1)") from None
-
-
 def as_text(value):
     """A cell of the text column as text: empty cells (None, NaN) as "", numbers (a column of numbers) as text; a
     whole float as an integer, since a csv column of integers with an empty cell is read as floats (7 -> 7.0)."""
@@ -238,8 +268,15 @@ def as_text(value):
 
 
 def read_texts(path, text_column=None, encoding="utf-8", pair_column=None, pairs=False):
-    """Texts from a .txt file (one per line, empty lines kept) or a csv/tsv/json/jsonl/parquet text column. With
-    `pairs` (a pair model), (text, pair) tuples: first<TAB>second lines, or two columns found as in training."""
+    """All the texts of a file in one list (text_chunks, joined), for a file known to be small."""
+    return [text for chunk, _ in text_chunks(path, text_column, encoding, pair_column, pairs) for text in chunk]
+
+
+def text_chunks(path, text_column=None, encoding="utf-8", pair_column=None, pairs=False, size=CHUNK):
+    """(texts, share of the file read so far) for each `size` texts of a .txt file (one per line, empty lines kept)
+    or of a csv/tsv/json/jsonl/parquet text column, read as they are needed: memory stays flat whatever the file's
+    size. With `pairs` (a pair model), (text, pair) tuples: first<TAB>second lines, or two columns found as in
+    training."""
     check_encoding(encoding)
     path = Path(path)
     if not path.exists():
@@ -248,27 +285,92 @@ def read_texts(path, text_column=None, encoding="utf-8", pair_column=None, pairs
         raise UserError(f"{path}: not a file")
     try:
         if path.suffix.lower() not in FILE_FORMATS:
-            lines = split_lines(decode(path.read_bytes(), path, encoding))
-            return split_pairs(lines, f"{path}, line {{}}") if pairs else lines
-        table = read_file(path, resolve(encoding=encoding))
+            with open(path, "rb") as f:
+                yield from line_chunks(f, str(path), encoding, pairs, size, path.stat().st_size)
+        else:
+            yield from column_chunks(table_chunks(path, encoding, size), text_column, pair_column, pairs)
     except OSError as e:  # permission denied, a read error...
         raise UserError(f"{path}: could not be read ({e.strerror or first_line(e)})") from None
-    if not pairs:
-        return [as_text(t) for t in table[find_column(table, text_column, TEXT_COLUMNS, "text")]]
-    first, second = find_text_columns(table, text_column, pair_column, need_pair="this model reads")
-    return [(as_text(a), as_text(b)) for a, b in zip(table[first], table[second])]
 
 
-def write_results(results, output, fmt, names):
+def line_chunks(f, where, encoding, pairs=False, size=CHUNK, total=None, block=1 << 20):
+    """text_chunks of a binary file object, one text per line as split_lines cuts them, decoded block by block (a
+    multi-byte character cut between two blocks included). `where` names the input in errors, `total` its bytes."""
+    decoder, lines, carry, number, done = codecs.getincrementaldecoder(encoding)(), [], "", 1, 0  # number: lines[0]'s
+    while True:
+        data = f.read(block)
+        try:
+            text = carry + decoder.decode(data, final=not data)
+        except UnicodeDecodeError as e:
+            line = number + len(lines) + data[:e.start].count(b"\n")
+            raise UserError(f"{where}, line {line}: not valid {encoding}; pass --encoding (e.g. latin-1)") from None
+        done += len(data)
+        complete, newline, carry = text.rpartition("\n")
+        lines += split_lines(complete + newline) + (split_lines(carry) if not data else [])
+        while len(lines) >= size or lines and not data:
+            chunk, lines = lines[:size], lines[size:]
+            yield (split_pairs(chunk, f"{where}, line {{}}", number) if pairs else chunk), total and done / total
+            number += len(chunk)
+        if not data:
+            return
+
+
+def table_chunks(path, encoding, size):
+    """(a pandas DataFrame of `size` rows, share of the file read) for a csv/tsv/jsonl/parquet file, read in parts;
+    a .json file (one JSON array, or JSON Lines) is read whole, as train.py reads it. csv cells are read as text."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            table = pyarrow.parquet.ParquetFile(path)
+            done = 0
+            for batch in table.iter_batches(batch_size=size):
+                done += batch.num_rows
+                yield batch.to_pandas(), done / max(table.metadata.num_rows, 1)
+            return
+        if suffix == ".json":
+            yield read_file(path, resolve(encoding=encoding)).to_pandas(), 1.0
+            return
+        with open(path, "rb") as f:
+            if suffix == ".jsonl":
+                reader = pandas.read_json(f, lines=True, chunksize=size, dtype=False, encoding=encoding)
+            else:
+                reader = pandas.read_csv(f, sep="\t" if suffix == ".tsv" else ",", dtype=str, chunksize=size,
+                                         encoding=encoding)
+            with reader:
+                for frame in reader:
+                    yield frame, f.tell() / max(path.stat().st_size, 1)
+    except pandas.errors.EmptyDataError:  # an empty file: no texts
+        return
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid {encoding}; pass --encoding (e.g. latin-1)") from None
+    except (ValueError, pandas.errors.ParserError) as e:  # malformed csv or JSON, not a parquet file...
+        raise UserError(f"{path}: could not be read as {FILE_FORMATS[suffix]} ({first_line(e)})") from None
+
+
+def column_chunks(frames, text_column, pair_column, pairs):
+    """text_chunks of tables: the text column (or with `pairs` the two columns) found in the first, as in training."""
+    columns = None
+    for frame, done in frames:
+        if columns is None:
+            found = types.SimpleNamespace(column_names=list(frame.columns))  # what find_column looks at
+            columns = (find_text_columns(found, text_column, pair_column, need_pair="this model reads") if pairs
+                       else [find_column(found, text_column, TEXT_COLUMNS, "text")])
+        texts = [[as_text(value) for value in frame[column].tolist()] for column in columns]
+        yield (list(zip(*texts)) if pairs else texts[0]), done
+
+
+def write_results(results, output, fmt, names, header=True):
     """jsonl: one object a line (line breaks that some readers split on, such as U+2028, escaped as \\uXXXX);
-    csv: text, label, score, then each class's probability (an empty cell for a class cut from probs, never 0)."""
+    csv: text, label, score, then each class's probability (an empty cell for a class cut from probs, never 0);
+    `header`: the csv's first line, for the first results of a file."""
     if fmt == "jsonl":
         output.writelines(json_line(r) for r in results)
         return
     writer = csv.writer(output)
     given = ["text", "text_pair"] if results and "text_pair" in results[0] else ["text"]
     sets = any("labels" in r for r in results)  # multi-label: a labels column too, the names joined by ";"
-    writer.writerow([*given, "label", *["labels"] * sets, "score", *names])
+    if header:
+        writer.writerow([*given, "label", *["labels"] * sets, "score", *names])
     for r in results:
         writer.writerow([*(r[key] for key in given), r["label"], *[";".join(r.get("labels", []))] * sets,
                          f"{r['score']:.6f}",
@@ -316,16 +418,91 @@ def parse_args(argv):
     return args
 
 
-def write_output(results, args, names):
-    if args.output is None:
-        write_results(results, sys.stdout, args.format, names)
-        sys.stdout.flush()
-        return
+def several_processes():
+    """accelerate's PartialState under `accelerate launch` or torchrun with several processes (each then on its own
+    device), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available())  # CPU processes meet through gloo
+
+
+def input_chunks(args, pairs):
+    """The texts to classify in chunks (see text_chunks): --file, the arguments, or standard input."""
+    if args.file is not None:
+        return text_chunks(args.file, args.text_column, args.encoding, args.text_pair_column, pairs)
+    if args.texts:
+        return [(split_pairs(args.texts, "text argument {}") if pairs else args.texts, 1.0)]
+    return line_chunks(sys.stdin.buffer, "standard input", args.encoding, pairs)
+
+
+def score(chunks, args, model, out, rank=0, processes=1):
+    """Predict chunk after chunk and write each one's rows (bytes, utf-8) to `out` as they come: memory stays flat.
+    Process `rank` of `processes` takes chunks rank, rank + processes, ...; returns (texts read, each of its chunks'
+    bytes). The progress bar (the main process's, after a second) counts texts and estimates the time left from the
+    share of the file read."""
+    top_k = args.top_k if args.format == "jsonl" else None  # a csv row carries every class's probability
+    names = list(model.config.id2label.values())  # csv columns: the model's order
+    seen, sizes = 0, []
+    with tqdm(unit=" texts", desc="predicting", delay=1, disable=rank != 0, file=sys.stderr) as bar:
+        for i, (texts, share) in enumerate(chunks):
+            if i % processes == rank:
+                results = predict(texts, args.model_dir, args.batch_size, args.max_len, top_k,
+                                  min_confidence=args.min_confidence, threshold=args.threshold)
+                rows = io.StringIO()
+                write_results(results, rows, args.format, names, header=i == 0)
+                sizes.append(out(rows.getvalue()))
+            seen += len(texts)
+            bar.total = round(seen / share) if share else None
+            bar.update(len(texts))
+    return seen, sizes
+
+
+def write_output(args, model, rank=0, processes=1):
+    """score() into --output, written to a temporary file put in its place at the end (an earlier output stays
+    whole until then, and stays if anything fails), or to standard output. Under several processes each writes
+    its chunks into its own part file, and the main process joins them in input order: every row once."""
+    target = Path(args.output) if args.output else None
+    folder = None
+    if processes > 1:  # one folder for the parts, named by the main process
+        from accelerate.utils import broadcast_object_list
+        made = [tempfile.mkdtemp(prefix=".predict-", dir=target.parent if target else None) if rank == 0 else None]
+        folder = Path(broadcast_object_list(made)[0])
+    part = folder / f"part{rank}" if folder else target and target.with_name(target.name + ".tmp")
     try:
-        with open(args.output, "w", newline="", encoding="utf-8") as f:
-            write_results(results, f, args.format, names)
+        with open(part, "wb") if part else contextlib.nullcontext(sys.stdout) as f:
+            out = (lambda text: f.write(text.encode("utf-8"))) if part else (lambda text: f.write(text) and 0)
+            seen, sizes = score(input_chunks(args, reads_pairs(model)), args, model, out, rank, processes)
+        if processes > 1:
+            join_parts(folder, sizes, target, rank, processes)
+        if not seen:
+            raise UserError("no texts: give them as arguments, with --file, or on standard input")
+        if target and rank == 0:
+            os.replace(target.with_name(target.name + ".tmp") if processes == 1 else folder / "joined", target)
     except OSError as e:
         raise UserError(f"--output {args.output}: could not write ({e.strerror or first_line(e)})") from None
+    finally:
+        if part and processes == 1 and part.exists():
+            part.unlink()
+        if folder and rank == 0:  # the others closed their parts before join_parts met
+            shutil.rmtree(folder, ignore_errors=True)
+    if not target:
+        sys.stdout.flush()
+
+
+def join_parts(folder, sizes, target, rank, processes):
+    """The main process copies chunk i's rows from part (i % processes), chunk after chunk: one output, every row
+    once, in input order (into folder/joined, or standard output)."""
+    from accelerate.utils import gather_object
+    every = gather_object([sizes])  # [the sizes of process 0's chunks, process 1's, ...]
+    if rank == 0:
+        parts = [open(folder / f"part{r}", "rb") for r in range(processes)]
+        with open(folder / "joined", "wb") if target else contextlib.nullcontext(sys.stdout) as joined:
+            for i in range(sum(map(len, every))):
+                data = parts[i % processes].read(every[i % processes][i // processes])
+                joined.write(data) if target else joined.write(data.decode("utf-8"))
+        for f in parts:
+            f.close()
 
 
 def main(argv=None):
@@ -339,24 +516,14 @@ def main(argv=None):
             except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as lone surrogates
                 raise UserError(f"text argument {i} is not valid {sys.getfilesystemencoding()}; pass such texts with "
                                 "--file and --encoding") from None
-        model = load_classifier(args.model_dir)[0]
-        pairs = reads_pairs(model)
-        if args.text_pair_column is not None and not pairs:
+        state = several_processes()
+        if state and args.file is None:
+            raise UserError("several processes split a --file between them: give the texts with --file")
+        model, tokenizer = load_classifier(args.model_dir)  # on this process's device: PartialState chose it
+        if args.text_pair_column is not None and not reads_pairs(model):
             raise UserError("--text-pair-column: this model reads single texts (it was trained without pairs)")
-        if args.file is not None:
-            texts = read_texts(args.file, args.text_column, args.encoding, args.text_pair_column, pairs)
-        else:
-            texts = args.texts or split_lines(decode(sys.stdin.buffer.read(), "standard input", args.encoding))
-            if pairs:
-                texts = split_pairs(texts, "text argument {}" if args.texts else "standard input, line {}")
-        if not texts:
-            raise UserError("no texts: give them as arguments, with --file, or on standard input")
-        top_k = args.top_k if args.format == "jsonl" else None  # a csv row carries every class's probability
-        results = predict(texts, args.model_dir, args.batch_size, args.max_len, top_k,
-                          progress=len(texts) > 10 * args.batch_size, min_confidence=args.min_confidence,
-                          threshold=args.threshold)
-        names = list(model.config.id2label.values())  # csv columns: the model's order
-        write_output(results, args, names)
+        check_options(model, tokenizer, args.max_len, args.min_confidence, args.threshold)  # before any output
+        write_output(args, model, *((state.process_index, state.num_processes) if state else ()))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

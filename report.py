@@ -65,6 +65,31 @@ def headline(metrics):
     return f"{line} · macro-F1 {metrics['f1_macro']:.4f}"
 
 
+METRIC_NAMES = {"accuracy": "accuracy", "f1_macro": "macro-F1", "f1_micro": "micro-F1"}
+
+
+def metric_name(metrics, key):
+    """How a metric for best is called in a line: multi-label accuracy is the exact match."""
+    return "exact match" if key == "accuracy" and "exact_match" in metrics["test"] else METRIC_NAMES[key]
+
+
+def beside_baseline(metrics):
+    """The model's test score on its metric for best beside the baseline's (baseline.py), or why there is none;
+    a plain warning, with what to try, when the model does not beat it."""
+    reference, key, cfg = metrics["baseline"], metrics["config"]["metric_for_best"], metrics["config"]
+    if reference is None:
+        if metrics["baseline_skipped"] != "--no-baseline":
+            say(f"Baseline skipped: {metrics['baseline_skipped']} (see --baseline)")
+        return
+    model, base, name = metrics["test"][key], reference[key], metric_name(metrics, key)
+    say(f"Test {name} {model:.4f} · baseline ({reference['model']}) {base:.4f} · "
+        f"{'ahead by' if model > base else 'behind by'} {abs(model - base):.4f}")
+    if model <= base:
+        say(f"Warning: the model does not beat the {reference['model']} baseline on test {name} ({model:.4f} vs "
+            f"{base:.4f}). Try more epochs (--epochs {2 * cfg['epochs']} --patience 2), a higher --lr (now "
+            f"{cfg['lr']:g}), a longer --max-len (now {cfg['max_len']})", file=sys.stderr)
+
+
 def describe_quality(metrics, n_train):
     """The lines after the test: the mistakes, calibration, accuracy at 90% coverage, and the label audit."""
     test, audit = metrics["test"], metrics["audit"]
@@ -281,6 +306,19 @@ def shorten(text, most=80):
     return text if len(text) <= most else text[:most - 1].rstrip() + "…"
 
 
+def better_than_what(metrics):
+    """The card's line on the baseline (baseline.py): its score on the metric for best beside the model's."""
+    reference, key = metrics.get("baseline"), metrics["config"]["metric_for_best"]
+    if reference is None:
+        return f"**Better than what?** No baseline was fitted ({metrics.get('baseline_skipped') or 'not recorded'})."
+    model, base, name = metrics["test"][key], reference[key], metric_name(metrics, key)
+    verdict = f"ahead by {model - base:.4f}" if model > base else \
+        "**it does not beat the baseline**: more epochs, a higher lr or a longer max_len may"
+    return (f"**Better than what?** {reference['model']} (scikit-learn), fitted on the same training split in "
+            f"{reference['seconds']:.1f} s, scores test {name} {base:.4f} on the same test split; this model "
+            f"{model:.4f}, {verdict}.")
+
+
 def good_enough(metrics, mistakes, shown=10):
     """The card's "Is it good enough?" section: accuracy at coverage, calibration, the most confident mistakes, what
     each class is mistaken for, and the label audit."""
@@ -358,6 +396,7 @@ def model_card(metrics, sizes, mistakes=(), pairs=False, lora=None):
              f"| {'label' if sets else 'class'} | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
               for name, c in test["per_class"].items()]
+    lines += ["", better_than_what(metrics)]
     if "coverage" in test:
         lines += [""] + good_enough(metrics, mistakes)
     lines += ["", "## Training hyperparameters", "", "```json", json.dumps(hyper, indent=2), "```", "",

@@ -336,7 +336,7 @@ def start_tracker(cfg, accelerator):
 # Checkpoints: everything --resume needs to continue exactly where a run stopped
 
 RESUMABLE_CHANGES = {"preset", "epochs", "resume", "overwrite", "output_dir", "checkpoint_every", "audit",
-                     "keep_checkpoint"}
+                     "keep_checkpoint", "threads"}
 
 
 def new_state(cfg):
@@ -348,12 +348,17 @@ def new_state(cfg):
             "config": dataclasses.asdict(cfg)}
 
 
-def save_checkpoint(out, state, accelerator):
+def save_checkpoint(out, state, accelerator, weights=True):
+    """checkpoint/: state.json, and with `weights` what accelerate saves (model, optimizer, schedule, scaler, RNG
+    states: about 3x the model) for training on; a finished run's checkpoint needs only state.json."""
     tmp = out / "checkpoint.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)  # every process writes its own RNG state; the main one the rest
+    if weights:
+        accelerator.save_state(tmp)  # every process writes its own RNG state; the main one the rest
+    elif accelerator.is_main_process:
+        tmp.mkdir()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / "state.json", state)

@@ -40,13 +40,14 @@ import torch
 import transformers
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from peft import LoraConfig, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 import analysis
+import baseline
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
 from data import (absolute_paths, check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs,
@@ -78,28 +79,45 @@ def load_model_config(cfg):
     return model_config
 
 
-def cpu_has_bf16():
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so that bf16 is faster than fp32."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported",
-                                                                         "_is_amx_tile_supported"))
+BF16_PAYS_FROM = 1.3  # bf16 training also pays for its casts: a matmul speedup below this is not worth them
 
 
-def choose_precision(requested, cuda_capability, cpu_bf16=False):
+def cpu_bf16_speedup(hidden, tokens, seconds=None):
+    """How many times faster this CPU multiplies in bf16 than in fp32, measured (about 0.3 s) on the model's shape:
+    [tokens x hidden] @ [hidden x hidden]. Its flags do not tell: with AVX512-BF16 and no AMX, bf16 ran 0.66x fp32
+    on an Intel Xeon and 2.5x on an AMD EPYC (Zen 4). A 16-token try comes first: where bf16 is emulated in
+    software (AVX2 only), one model-sized bf16 matmul takes seconds. `seconds(dtype, rows)`: the timing (tests)."""
+    def matmul_seconds(dtype, rows):
+        a, b = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, hidden, dtype=dtype)
+        a @ b  # the first call picks and builds the kernel
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - started)
+        return min(times)
+    seconds = seconds or matmul_seconds
+    speedup = seconds(torch.float32, 16) / seconds(torch.bfloat16, 16)
+    return speedup if speedup < 0.5 else seconds(torch.float32, tokens) / seconds(torch.bfloat16, tokens)
+
+
+def choose_precision(requested, cuda_capability, cpu_bf16_speedup=None):
     """fp32 / bf16 / fp16. `auto`: bf16 on Ampere and newer GPUs (compute capability >= 8.0); fp16 with loss
-    scaling on older ones (T4, V100), whose bf16 is emulated and slow; on a CPU, bf16 where it is native (measured
-    here: 2.6x the training speed of fp32 at the same accuracy, see README, Speed), else fp32."""
+    scaling on older ones (T4, V100), whose bf16 is emulated and slow; on a CPU, bf16 where cpu_bf16_speedup (the
+    measured one) is at least BF16_PAYS_FROM, else fp32."""
     if requested == "fp16" and cuda_capability is None:
         raise UserError("--precision fp16 needs a CUDA GPU; on a CPU use bf16 or fp32")
     if requested != "auto":
         return requested
     if cuda_capability is None:
-        return "bf16" if cpu_bf16 else "fp32"
+        return "bf16" if (cpu_bf16_speedup or 0) >= BF16_PAYS_FROM else "fp32"
     return "bf16" if cuda_capability >= (8, 0) else "fp16"
 
 
 def choose_attention(requested, device_type, precision):
-    """For training: sdpa (PyTorch's fused attention), except for bf16 on a CPU, where eager attention trained 1.13x
-    faster here (while sdpa evaluated 1.4x faster: the test split is evaluated with sdpa; see README, Speed)."""
+    """For training: sdpa (PyTorch's fused attention), except for bf16 on a CPU, where eager attention trained
+    faster on both CPUs measured (2.1x on an AMD EPYC Zen 4, 1.13x with AMX; while sdpa evaluated as fast or faster:
+    the test split is evaluated with sdpa; see docs/speed.md). Measured once, not probed at each start."""
     if requested != "auto":
         return requested
     return "eager" if device_type == "cpu" and precision == "bf16" else "sdpa"
@@ -174,6 +192,26 @@ def parameters_line(model, lora_r):
     layers = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraLayer)})
     return f"{trained / 1e6:.3g}M of {saved / 1e6:.3g}M parameters trained: LoRA r={lora_r} on {', '.join(layers)}, " \
         "the head in full"
+
+
+def start_at_the_prior(model, labels, n, balanced=False):
+    """The new head's output bias (its `n` values) set to where the loss of a model that reads nothing is least: the
+    training labels' log-odds (multi-label) or log-frequencies (single-label); with --class-weights balanced 0, as
+    initialized, since the weights make every label or class weigh alike. The model then starts at the prior,
+    and its steps go to what the texts say rather than to how common each label is (a multi-label run that started
+    at p = 0.5 for every label spent its few steps there). A head that does not end in a bias is left as it is."""
+    # the output layer comes last in every head we know; with LoRA, its trained copy (peft's modules_to_save)
+    name, bias = [(name, p) for name, p in model.named_parameters() if p.requires_grad][-1]
+    if balanced or not name.endswith("bias") or bias.shape != (n,):
+        return
+    labels = torch.as_tensor(labels).float()
+    if labels.ndim == 2:
+        share = labels.mean(0).clamp(1e-4, 1 - 1e-4)  # a label in no training text: not -inf
+        prior = share.log() - (-share).log1p()
+    else:
+        prior = (torch.bincount(labels.long(), minlength=n) / len(labels)).clamp(min=1e-4).log()
+    with torch.no_grad():
+        bias.copy_(prior)
 
 
 def make_optimizer(model, cfg, fused):
@@ -267,14 +305,17 @@ def weighted_loss(logits, labels, weights):
 
 
 def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started):
-    """Validate, log, keep the best model; returns the summary line."""
-    val = evaluate(model, loaders["validation"], accelerator, names, cfg.threshold) if "validation" in loaders else None
+    """Validate, log, keep the best model; returns the summary line, and the validation logits when this epoch's
+    model became best/ (finish() calibrates on them instead of reading the validation split a second time)."""
+    val_logits = split_logits(model, loaders["validation"], accelerator) if "validation" in loaders else None
+    val = scores(*val_logits, names, cfg.threshold) if val_logits else None
     if val:
         record.update({f"val_{k}": val[k] for k in ("accuracy", "f1_micro", "f1_macro", "loss") if k in val})
     seconds = time.time() - started
     record["seconds"] = round(seconds, 2)
     score = val[cfg.metric_for_best] if val else None
-    improved = val is None or state["best_score"] is None or score > state["best_score"]  # no validation: the last
+    best = state["best_val"]  # of equal scores (24 validation texts all right), the lower validation loss is better
+    improved = val is None or best is None or (score, -val["loss"]) > (state["best_score"], -best["loss"])
     state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
     if cfg.patience and state["bad_epochs"] >= cfg.patience:  # early stopping
         record["stopped"] = f"no improvement in val {cfg.metric_for_best} for {state['bad_epochs']} epochs"
@@ -285,12 +326,14 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
         state.update(best_score=score, best_epoch=state["epoch"], best_val=val)
     summary = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}" + \
         (f" · val {report.headline(val)}" if val else "")
-    return summary + f" · lr {record['lr']:.2e} · padding {record['padding']:.0%} · {seconds:.0f}s" + \
+    summary += f" · lr {record['lr']:.2e} · padding {record['padding']:.0%} · {seconds:.0f}s" + \
         (" *" if improved else "") + (f"\nStopped early: {record['stopped']}" if "stopped" in record else "")
+    return summary, val_logits if improved else None
 
 
 def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names, weights=None):
-    """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends."""
+    """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends.
+    Returns the state and the validation logits of the best model, if one of these epochs made it (else None)."""
     def stop_if_asked():
         if accelerator.check_trigger():  # Ctrl-C / SIGTERM during the steps, on any process: a checkpoint first
             save_checkpoint(out, state, accelerator)
@@ -303,7 +346,7 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
             save_checkpoint(out, state, accelerator)
 
-    main = accelerator.is_main_process
+    main, best_val_logits = accelerator.is_main_process, None
     epochs = range(state["epoch"], 0 if state["stopped"] else cfg.epochs + 1)  # none left after an early stop
     for epoch in tqdm(epochs, desc="epochs", disable=not main):
         started = time.time()
@@ -320,21 +363,38 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
         record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": train_loss,
                   "lr": scheduler.get_last_lr()[0], "padding": round(1 - int(tokens[0]) / max(int(tokens[1]), 1), 4),
                   "tokens": int(tokens[0]), "positions": int(tokens[1])}  # real tokens; positions incl. padding
-        summary = end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started)
+        summary, val_logits = end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record,
+                                           started)
+        best_val_logits = best_val_logits if val_logits is None else val_logits
         state.update(epoch=epoch + 1, batches_done=0, loss_sum=0.0, log_mark=[0.0, 0], tokens=[0, 0])
-        save_checkpoint(out, state, accelerator)
+        # after the last epoch only state.json: a finished run drops its weights and optimizer anyway (finish())
+        to_train_on = cfg.keep_checkpoint or epochs_left(state, cfg)
+        save_checkpoint(out, state, accelerator, to_train_on)
         if main:
             tqdm.write(summary)  # tqdm.write keeps the bars intact
         if state["stopped"]:
             break
-    return state
+    return state, best_val_logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup, the run, the finish
 
-def setup(cfg, accelerator, state, out):
-    """Data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices."""
+def enough_epochs(cfg, steps_per_epoch):
+    """cfg with epochs raised until training takes at least --min-steps optimizer steps. A few hundred rows give
+    a few dozen steps in 3 epochs: too few for a new head and the encoder to learn the task (a TF-IDF baseline
+    then wins). IMDB's 25,000 rows take 1,563 steps an epoch, so the main job is left as it is."""
+    needed = math.ceil(cfg.min_steps / steps_per_epoch)
+    if needed <= cfg.epochs:
+        return cfg
+    say(f"Small data: {steps_per_epoch} optimizer steps an epoch, so {needed} epochs instead of {cfg.epochs} to reach "
+        f"--min-steps {cfg.min_steps}" + ("" if cfg.patience else " (--patience N stops once validation stops improving)"))
+    return dataclasses.replace(cfg, epochs=needed)
+
+
+def setup(cfg, accelerator, state, out, bf16_speedup=None):
+    """Data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices.
+    bf16_speedup: what the precision was chosen by on a CPU (cpu_bf16_speedup), for the Model line."""
     with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
         data, names = load_data(cfg)
         cfg = settle(cfg, is_multi_label(data["train"]))  # the problem (multi-label?) and metric-for-best's auto
@@ -353,10 +413,12 @@ def setup(cfg, accelerator, state, out):
     precision = accelerator.mixed_precision.replace("no", "fp32")
     attention = choose_attention(cfg.attention, accelerator.device.type, precision)
     model = load_model(cfg, names, attention, pairs=is_pairs(data["train"]))
-    optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
+    start_at_the_prior(model, data["train"]["label"], len(names), cfg.class_weights == "balanced")
+    optimizer = make_optimizer(model, cfg, fused=accelerator.device.type in ("cuda", "cpu"))  # 3x faster steps on a CPU
     loaders = make_loaders(tokens, tokenizer, cfg, accelerator.device.type, accelerator.num_processes)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *loaders.values())
     loaders = dict(zip(loaders, prepared))
+    cfg = enough_epochs(cfg, math.ceil(len(loaders["train"]) / cfg.grad_accum))
     if cfg.lora_r:
         save_only_trainable_weights(accelerator)  # a checkpoint of megabytes: the frozen weights are the model's
     total_steps = math.ceil(len(loaders["train"]) / cfg.grad_accum) * cfg.epochs  # optimizer steps, per process
@@ -364,6 +426,8 @@ def setup(cfg, accelerator, state, out):
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
     n = accelerator.num_processes
+    if bf16_speedup is not None:
+        precision = f"bf16 {bf16_speedup:.2g}× fp32 here: {precision}"
     say(f"Model: {cfg.model} ({parameters_line(model, cfg.lora_r)}) · {precision}, "
         f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × "
         f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps")
@@ -373,8 +437,9 @@ def setup(cfg, accelerator, state, out):
 def train(cfg: Config):
     """Fine-tune cfg.model on cfg.dataset; returns the metrics (also written to output_dir/metrics.json)."""
     started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # --threads; else torch's default (OMP_NUM_THREADS, or one per core)
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    precision = choose_precision(cfg.precision, capability, capability is None and cpu_has_bf16())
     if capability and capability >= (8, 0):
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the matmuls left in fp32
     several_cpu_processes = capability is None and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
@@ -385,15 +450,22 @@ def train(cfg: Config):
     with locked(out), stop_on_signals(out, cfg):
         check_output_dir(out, cfg)
         state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
+        use_cache_only_if_offline(cfg)
+        model_config = load_model_config(cfg)
+        speedup = None  # on a CPU, bf16 only where it is measured faster, on the model's width (one verdict for all)
+        if cfg.precision == "auto" and capability is None:
+            tokens = min(cfg.batch_size * cfg.max_len, 4096)
+            speedup = broadcast_object_list([cpu_bf16_speedup(model_config.hidden_size, tokens)])[0]
+        precision = choose_precision(cfg.precision, capability, speedup)
         accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                                   cpu=several_cpu_processes, project_dir=str(out),
                                   log_with=None if cfg.report_to == "none" else cfg.report_to,
                                   dynamo_backend="inductor" if cfg.compile else None,  # prepare() compiles the model
                                   step_scheduler_with_optimizer=False)  # we step it, once per optimizer step
-        use_cache_only_if_offline(cfg)
-        check_same_inputs(state, "model", model_fingerprint(cfg.model, load_model_config(cfg)), out)
+        check_same_inputs(state, "model", model_fingerprint(cfg.model, model_config), out)
         set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
-        cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out)
+        cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out,
+                                                                                           speedup)
         if state["step"] and epochs_left(state, cfg):
             load_checkpoint(accelerator, out, strict=not cfg.lora_r)  # LoRA: the frozen weights are not in it
             say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
@@ -405,16 +477,22 @@ def train(cfg: Config):
                 if cfg.length_histogram:
                     report.optional_output("lengths.png", report.plot_lengths, lengths, out / "lengths.png")
             start_tracker(cfg, accelerator)
+            reference = baseline.for_run(cfg, data, names) if accelerator.is_main_process else (None, None)
             weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
-            state = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names, weights)
-            return finish(cfg, out, state, loaders, accelerator, names, precision, data, started)
+            state, val_logits = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state,
+                                    names, weights)
+            return finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits, reference)
         except Exception as e:  # after the model loaded: put back an earlier run, say what is kept
             raise failed_run(e, cfg, out, accelerator.is_main_process) from None
 
 
-def finish(cfg, out, state, loaders, accelerator, names, precision, data, started):
+def finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits=None,
+           reference=(None, None)):
     """Evaluate the saved best model on the test split, once; calibrate it on the validation split and audit the
-    training labels with it (analysis.py); write metrics.json, the temperature into best/ and the rest."""
+    training labels with it (analysis.py); write metrics.json (with `reference`: the baseline's test metrics, or
+    why there are none), the temperature into best/ and the rest.
+    val_logits: the best model's validation logits from its epoch's end (the weights saved in best/), if this
+    process trained it; else (a resumed run whose best epoch came earlier) the validation split is read here."""
     accelerator.wait_for_everyone()  # what you evaluate is exactly what you ship: the files in best/
     best_model = AutoModelForSequenceClassification.from_pretrained(
         out / "best", use_safetensors=True,
@@ -423,13 +501,14 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
     test_started, sizes = time.time(), {split: len(examples) for split, examples in data.items()}
     test_logits = logits_of("test")
     test_seconds, seconds = time.time() - test_started, state["train_seconds"]
-    val_logits, audit_started = logits_of("validation"), time.time()
+    val_logits, audit_started = val_logits or logits_of("validation"), time.time()
     audit_logits, audit_seconds = logits_of("audit"), time.time() - audit_started  # the label audit's cost
     texts = {split: model_inputs(data[split]) for split in ("test", "train")}
     quality = analysis.assess(test_logits, val_logits, audit_logits, names, texts, cfg.threshold)
     test = {**scores(*test_logits, names, quality["threshold"]), **quality["test"]}  # multi: the tuned threshold
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
+               "baseline": reference[0], "baseline_skipped": reference[1],  # baseline.py: TF-IDF + LR, or why not
                "config": dataclasses.asdict(absolute_paths(cfg)),  # local data paths absolute: found from anywhere
                "output_dir": str(out), "precision": precision,
                "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:
@@ -443,6 +522,9 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
                           "audit_seconds": None if audit_logits is None else round(audit_seconds, 2)}}
     if accelerator.is_main_process:
         save_findings(out, quality)  # the temperature into best/config.json, errors.jsonl, suspect_labels.jsonl
+        write_json(out / "best" / "monitoring.json", analysis.monitoring_reference(  # what serve.py watches drift by
+            data["train"]["label"], test_logits[0], quality.get("temperature"), texts["train"],
+            AutoTokenizer.from_pretrained(out / "best"), cfg.max_len, names))
         write_json(out / "metrics.json", metrics)  # with best/, the essential output; the rest is nice to have
         discard_earlier_run(out)  # the outputs of the run this one replaces (--overwrite): this one has a result
         if not cfg.keep_checkpoint:
@@ -452,8 +534,9 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
                            {f"test_{k}": test[k] for k in ("accuracy", "f1_macro", "loss")}, step=state["step"])
     report.optional_output(f"the {cfg.report_to} log", accelerator.end_training)
     say(report.describe_quality(metrics, sizes["train"]))
-    say(f"Test {report.headline(test)} · n={test['n']:,} "
-        f"(best epoch {state['best_epoch']})\nModel saved to {out / 'best'} — use it with: "
+    say(f"Test {report.headline(test)} · n={test['n']:,} (best epoch {state['best_epoch']})")
+    report.beside_baseline(metrics)  # the model's metric for best beside the baseline's; a warning when not ahead
+    say(f"Model saved to {out / 'best'} — use it with: "
         f"pipeline('text-classification', model='{out / 'best'}'{', top_k=None' * (cfg.problem == 'multi_label')})")
     return metrics
 

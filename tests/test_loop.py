@@ -82,12 +82,6 @@ def test_precision_choice(requested, capability, chosen):
     assert choose_precision(requested, capability) == chosen
 
 
-def test_auto_takes_bf16_on_a_cpu_that_has_it():
-    assert choose_precision("auto", None, cpu_bf16=True) == "bf16"
-    assert choose_precision("fp32", None, cpu_bf16=True) == "fp32"
-    assert choose_precision("auto", (7, 5), cpu_bf16=True) == "fp16"  # the GPU decides when there is one
-
-
 def test_fp16_on_cpu_is_refused():
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         choose_precision("fp16", None)

@@ -14,6 +14,8 @@ ENTRY_POINTS = {
     "train.py": "requirements.txt",
     "predict.py": "requirements.txt",
     "export.py": "requirements-export.txt",
+    "serve.py": "requirements-serve.txt",
+    "bench_serve.py": "requirements-dev.txt",
     "bench.py": "requirements-dev.txt",
     "tests": "requirements-dev.txt",
 }

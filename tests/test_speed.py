@@ -1,4 +1,6 @@
-"""The speed features change nothing they must not: length grouping, sorted evaluation, padding to multiples of 8."""
+"""The speed features change nothing they must not: length grouping, sorted evaluation, padding to multiples of 8;
+precision chosen by the measured speed; --threads."""
+import json
 import random
 
 import pytest
@@ -9,9 +11,10 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from toy import toy_examples
-from config import resolve
+import train as train_module
+from config import UserError, parse_args, resolve
 from data import TrainingBatches, make_loaders, tokenize
-from train import evaluate, load_model
+from train import choose_precision, cpu_bf16_speedup, evaluate, load_model, train
 
 
 def padding_share(batches, lengths):
@@ -120,3 +123,82 @@ def test_batches_for_several_processes_hold_every_example_once(group_by_length):
     batches = list(sampler)
     assert len(batches) == len(sampler) == 64 and all(batches)
     assert sorted(i for b in batches for i in b) == list(range(1000))
+
+
+def matmul_timings(fp32, bf16, asked=None):
+    """A stand-in for the probe's timing: seconds per row of the matmul in each precision; records the rows asked."""
+    def seconds(dtype, rows):
+        if asked is not None:
+            asked.append(rows)
+        return rows * (fp32 if dtype == torch.float32 else bf16)
+    return seconds
+
+
+@pytest.mark.parametrize("fp32, bf16, speedup, chosen", [
+    (3.1, 1.0, 3.1, "bf16"),     # an AMD EPYC (Zen 4) or AMX: bf16 really faster
+    (1.0, 1.5, 0.67, "fp32"),    # a Xeon with AVX512-BF16, no AMX: bf16 0.66x fp32
+    (1.0, 0.9, 1.11, "fp32"),    # a little faster is not enough to pay for bf16's casts
+])
+def test_a_cpu_takes_bf16_only_where_it_is_measured_faster(fp32, bf16, speedup, chosen):
+    measured = cpu_bf16_speedup(768, 4096, matmul_timings(fp32, bf16))
+    assert measured == pytest.approx(speedup, abs=0.01)
+    assert choose_precision("auto", None, measured) == chosen
+    assert choose_precision("fp32", None, measured) == "fp32" and choose_precision("bf16", None, measured) == "bf16"
+    assert choose_precision("auto", (7, 5), measured) == "fp16"  # the GPU rule, whatever the CPU
+    assert choose_precision("auto", (8, 0), measured) == "bf16"
+
+
+def test_emulated_bf16_is_not_timed_at_the_models_size():
+    asked = []
+    assert cpu_bf16_speedup(768, 4096, matmul_timings(1.0, 100.0, asked)) == pytest.approx(0.01)
+    assert asked == [16, 16]  # the 16-token try told: no 4096-token bf16 matmul (seconds where bf16 is emulated)
+    assert choose_precision("auto", None, 0.01) == "fp32"
+
+
+def test_the_real_probe_times_both_precisions():
+    assert 0 < cpu_bf16_speedup(64, 256) < 1000  # its timing is for the run's Model line, not for a test
+
+
+@pytest.mark.parametrize("speedup, chosen", [(0.66, "fp32"), (3.1, "bf16")])
+def test_the_model_line_says_what_was_measured_and_chosen(speedup, chosen, fast, toy_csv, tmp_path, monkeypatch,
+                                                          capsys):
+    widths = []
+    monkeypatch.setattr(train_module, "cpu_bf16_speedup", lambda hidden, tokens: widths.append(hidden) or speedup)
+    metrics = train(resolve(**{**fast, "precision": "auto", "epochs": 1}, dataset=toy_csv, train_samples=64,
+                            output_dir=str(tmp_path / "out")))
+    assert f"· bf16 {speedup:.2g}× fp32 here: {chosen}, " in capsys.readouterr().out
+    assert metrics["precision"] == chosen and widths == [32]  # measured on the model's width (the tiny one: 32)
+
+
+def test_threads_1_trains_on_one_thread(fast, toy_csv, tmp_path, monkeypatch):
+    seen, fit, before = [], train_module.fit, torch.get_num_threads()
+    monkeypatch.setattr(train_module, "fit", lambda *args, **kwargs: seen.append(torch.get_num_threads()) or
+                        fit(*args, **kwargs))
+    cfg = parse_args(["--model", fast["model"], "--dataset", toy_csv, "--max-len", "32", "--epochs", "1",
+                      "--precision", "fp32", "--train-samples", "64", "--threads", "1",
+                      "--output-dir", str(tmp_path / "out")])
+    try:
+        metrics = train(cfg)
+    finally:
+        torch.set_num_threads(before)  # the other tests run with every core
+    assert seen == [1] and metrics["config"]["threads"] == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_bad_thread_counts_are_refused(value):
+    with pytest.raises(UserError, match=f"--threads must be at least 1 \\(or none\\), not {value}"):
+        parse_args([f"--threads={value}"])
+
+
+def test_whole_run_times_the_seed_script_and_train_py(tiny_model, tmp_path):
+    """bench.py --whole-run on the tiny model: both processes run to the end and are timed (no time asserted)."""
+    from bench import whole_runs
+    from toy import write_csv
+    write_csv(tmp_path / "train.csv", toy_examples(40))
+    write_csv(tmp_path / "seed_train.csv", toy_examples(36))
+    write_csv(tmp_path / "test.csv", toy_examples(20, seed=1))
+    run = whole_runs(tmp_path, tiny_model, pairs=1, max_len=32, epochs=1, threads=1)
+    assert len(run["seconds"]["seed"]) == len(run["seconds"]["ours"]) == 1 and run["ratio"] > 0
+    assert "test accuracy" in (tmp_path / "seed.log").read_text()
+    assert run["model_line"].startswith("Model: ") and run["ours_precision"] in ("fp32", "bf16")
+    assert json.loads((tmp_path / "ours" / "metrics.json").read_text())["config"]["threads"] == 1

