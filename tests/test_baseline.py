@@ -92,7 +92,8 @@ def test_min_steps_refuses_a_negative_value():
 def test_a_tie_of_the_metric_for_best_is_broken_by_validation_loss(monkeypatch, tmp_path):
     """24 validation texts all right after epoch 1 and after epoch 2: the epoch with the lower loss is the best."""
     losses = iter([0.87, 0.09, 0.30])
-    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"accuracy": 1.0, "f1_macro": 1.0, "loss": next(losses)})
+    monkeypatch.setattr(train_module, "split_logits", lambda *a: ("logits", "labels"))
+    monkeypatch.setattr(train_module, "scores", lambda *a: {"accuracy": 1.0, "f1_macro": 1.0, "loss": next(losses)})
     saved = []
     monkeypatch.setattr(train_module, "save_model", lambda *a: saved.append(state["epoch"]))
     monkeypatch.setattr(train_module, "append_to_log", lambda *a: None)

@@ -175,8 +175,8 @@ def test_multi_label_with_class_weights_and_early_stopping(encoder, tmp_path):
 
 
 def test_the_default_lr_follows_lora_r_and_an_explicit_lr_wins():
-    assert resolve().lr == 2e-5 and resolve(lora_r=8).lr == pytest.approx(2e-4)
-    assert resolve("demo", lora_r=8).lr == pytest.approx(1e-3)  # 10x the preset's
+    assert resolve().lr == 2e-5 and resolve(lora_r=8).lr == pytest.approx(6e-4)
+    assert resolve("demo", lora_r=8).lr == pytest.approx(3e-3)  # 30x the preset's
     assert resolve(lora_r=8, lr=3e-5).lr == 3e-5
 
 
