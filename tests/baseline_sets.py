@@ -9,6 +9,9 @@ Every BBC text is an article's first paragraph (median 21 words), so that the ru
   bbc-small.csv    single-label, 400 texts: one first paragraph, its topic
   bbc-pairs.csv    text pairs, 600: two first paragraphs (sentence1, sentence2), label same / different topic (balanced)
   tweets.csv       1,000 tweets about self-driving cars (sentiment: negative, neutral, positive), a seeded sample
+  bbc400-train.csv, bbc400-test.csv   single-label, 400 + 400 distinct first paragraphs and their topics (a seeded
+                   shuffle of all of them), to train on 400 rows and test on 400 more
+  tweets-train.csv, tweets-test.csv   1,600 + 400 tweets, another seeded sample
 """
 import csv
 import json
@@ -58,6 +61,13 @@ def write(folder, seed=0):
     with open(source, encoding="latin-1", newline="") as f:
         tweets = [(row["text"], row["sentiment"]) for row in csv.DictReader(f) if row["text"].strip()]
     write_csv(folder / "tweets.csv", ("text", "label"), random.Random(seed).sample(tweets, 1000))
+    pool = [(text, topic) for topic in sorted(articles) for text in articles[topic]]
+    random.Random(seed + 1).shuffle(pool)
+    write_csv(folder / "bbc400-train.csv", ("text", "label"), pool[:400])
+    write_csv(folder / "bbc400-test.csv", ("text", "label"), pool[400:800])
+    sample = random.Random(seed).sample(tweets, 2000)
+    write_csv(folder / "tweets-train.csv", ("text", "label"), sample[:1600])
+    write_csv(folder / "tweets-test.csv", ("text", "label"), sample[1600:])
 
 
 def write_csv(path, header, rows):
@@ -69,4 +79,4 @@ def write_csv(path, header, rows):
 
 if __name__ == "__main__":
     write(Path(sys.argv[1]))
-    print(f"wrote bbc-multi.jsonl, bbc-small.csv, bbc-pairs.csv and tweets.csv into {sys.argv[1]}")
+    print(f"wrote bbc-multi.jsonl, bbc-small.csv, bbc-pairs.csv, tweets.csv, bbc400-*.csv and tweets-*.csv into {sys.argv[1]}")
