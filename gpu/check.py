@@ -259,7 +259,7 @@ def train_run(check, step, flags, until, env=None):
     metrics = json.loads((folder / "metrics.json").read_text())
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     epochs = [row for row in log if row["kind"] == "epoch"]
-    model_line = re.search(r"^Model: .* · (\w+), (\w+) attention on (\S+) ·", text, re.M)
+    model_line = re.search(r"^Model: .* (\w+), (\w+) attention on (\S+) ·", text, re.M)  # "· bf16 3× fp32 here: bf16, ..."
     data_line = re.search(r"^Data: (.*?)(?: · \d+ classes|$)", text, re.M)
     timing = metrics["timing"]
     trained = timing["train_examples_per_second"] * timing["train_seconds"] / max(len(epochs), 1)  # per epoch

@@ -10,6 +10,18 @@ sys.path.insert(0, str(ROOT))
 from toy import toy_examples, write_csv, write_tiny_model  # noqa: E402 -- after the path is set
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_step_floor():
+    """The tests' tiny runs train the epochs they ask for: the step floor (--min-steps 300) would raise each to dozens
+    of epochs, slowing the suite many times over and changing what the tests look at (step rows, resumed epochs).
+    Its own tests put back the real one, which this yields. Runs in a subprocess pass --min-steps themselves."""
+    import train
+    real = train.enough_epochs
+    train.enough_epochs = lambda cfg, steps_per_epoch: cfg
+    yield real
+    train.enough_epochs = real
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Without dropout, so that gradients can be compared exactly."""

@@ -71,7 +71,8 @@ def test_the_step_floor_raises_the_epochs_of_small_data_only():
     assert enough_epochs(resolve(epochs=3, min_steps=0), 20).epochs == 3  # --min-steps 0: off
 
 
-def test_a_run_on_tiny_data_trains_the_floors_steps(fast, files, tmp_path, capsys):
+def test_a_run_on_tiny_data_trains_the_floors_steps(fast, files, tmp_path, capsys, no_step_floor, monkeypatch):
+    monkeypatch.setattr(train_module, "enough_epochs", no_step_floor)  # the real floor (conftest turns it off)
     metrics = train(run_settings(fast, files, tmp_path, min_steps=24, baseline=False))  # 144 training rows: 9 steps an epoch
     assert metrics["config"]["epochs"] == 3
     assert [r["epoch"] for r in metrics_log(tmp_path)] == [1, 2, 3]

@@ -149,6 +149,7 @@ def test_patience_stops_after_n_validations_without_improvement(stuck, tmp_path,
 
 
 def test_patience_survives_a_crash_and_resume(stuck, tmp_path, crash_at_checkpoint):
+    stuck = {**stuck, "patience": 3}  # stops after epoch 4: epoch 3's checkpoint is not the last (no weights in that)
     expected = train(resolve(output_dir=str(tmp_path / "reference"), **stuck))
     # the machine dies at epoch 3's checkpoint: epoch 2's is kept, with one validation without gain counted
     crash_at_checkpoint(3, lambda: train(resolve(output_dir=str(tmp_path / "out"), **stuck)))
@@ -157,12 +158,12 @@ def test_patience_survives_a_crash_and_resume(stuck, tmp_path, crash_at_checkpoi
     resumed = train(resolve(output_dir=str(tmp_path / "out"), resume=True, **stuck))
     for key in ("stopped_early", "best_epoch", "val", "test"):
         assert resumed[key] == expected[key]
-    assert [r["epoch"] for r in epoch_rows(tmp_path / "out")] == [1, 2, 3]
+    assert [r["epoch"] for r in epoch_rows(tmp_path / "out")] == [1, 2, 3, 4]
     # a stopped run resumed with more epochs trains no more; another --patience is another run
     again = train(resolve(output_dir=str(tmp_path / "out"), resume=True, **{**stuck, "epochs": 8}))
-    assert again["stopped_early"] == expected["stopped_early"] and len(epoch_rows(tmp_path / "out")) == 3
-    with pytest.raises(UserError, match=r"cannot resume .* \(--patience 2 -> 3\)"):
-        train(resolve(output_dir=str(tmp_path / "out"), resume=True, **{**stuck, "patience": 3}))
+    assert again["stopped_early"] == expected["stopped_early"] and len(epoch_rows(tmp_path / "out")) == 4
+    with pytest.raises(UserError, match=r"cannot resume .* \(--patience 3 -> 4\)"):
+        train(resolve(output_dir=str(tmp_path / "out"), resume=True, **{**stuck, "patience": 4}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
