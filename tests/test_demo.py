@@ -8,12 +8,12 @@ from train import train
 
 
 def test_demo_code_path_on_a_subsample(tmp_path, capsys):
-    cfg = resolve("demo", train_samples=160, eval_samples=100, epochs=1, max_len=48, output_dir=str(tmp_path / "o"))
+    cfg = resolve("demo", train_samples=160, eval_samples=100, epochs=3, max_len=48, output_dir=str(tmp_path / "o"))
     metrics = train(cfg)
     out = capsys.readouterr().out
     assert "Replaced undecodable bytes in 1 file(s)" in out  # BBC's one non-UTF-8 file is read, not refused
     assert metrics["test"]["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
-    assert metrics["test"]["accuracy"] > 0.4  # chance is 0.2; 10 steps of a real pretrained model already help
+    assert metrics["test"]["accuracy"] > 0.4  # chance is 0.2; 30 steps of a real pretrained model already help
 
 
 def test_strict_decoding_names_the_bad_file(tmp_path):
