@@ -463,6 +463,8 @@ def parse_args(argv):
     for flag in ("port", "max_batch_tokens", "max_inputs", "max_queue", "max_request_bytes", "monitor_window"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if args.port > 65535:
+        parser.error(f"--port must be at most 65535, not {args.port}")
     if args.max_wait_ms < 0:
         parser.error(f"--max-wait-ms must be 0 or more, not {args.max_wait_ms}")
     if args.psi_threshold <= 0:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from sklearn.utils.class_weight import compute_class_weight
 from tqdm import tqdm
 from transformers import AutoTokenizer, get_scheduler
@@ -86,11 +87,15 @@ def test_balanced_class_weights_are_scikit_learns_and_weight_the_loss(tiny_model
     assert torch.allclose(weights, expected) and class_weights(labels.tolist(), 2, "none") is None
     batch = {**tokenizer([t for t, _ in rows], padding=True, return_tensors="pt"), "labels": labels}
     model = load_model(resolve(model=tiny_model), ["neg", "pos"])
+    with torch.no_grad():  # a head that leans to neg: its losses on the rare pos texts are high, and weight shows
+        model.classifier.bias.copy_(torch.tensor([1.0, -1.0]))  # (a fresh head's near-equal logits hide it)
     losses = {}
     for name, w in (("weighted", weights), ("plain", None)):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights never move: one loss, twice
         state = {"batches_done": 0, "loss_sum": 0.0, "step": 0, "tokens": [0, 0]}
-        train_epoch(model, [batch], optimizer, get_scheduler("constant", optimizer), Accelerator(cpu=True),
+        AcceleratorState._reset_state()  # fp32 here, whatever precision an earlier test's accelerator left
+        train_epoch(model, [batch], optimizer, get_scheduler("constant", optimizer),
+                    Accelerator(cpu=True, mixed_precision="no"),
                     resolve(model=tiny_model), tqdm(disable=True), state, weights=w)
         losses[name] = state["loss_sum"]
     with torch.no_grad():

@@ -311,3 +311,10 @@ def test_drift_is_flagged_for_shifted_texts_and_not_for_texts_like_the_test_spli
     assert sorted(re.search("PSI of (\\w+)", w).group(1) for w in warnings) == sorted(drifted["drifting"])
     psi = float(re.search(r'^serve_drift_psi{feature="length"} (\S+)$', metrics, re.M).group(1))
     assert psi == pytest.approx(drifted["psi"]["length"]) and psi > 0.2
+
+
+def test_a_port_beyond_65535_is_one_line(tmp_path):
+    """Not an OverflowError traceback from bind(): refused with the flags, before anything loads."""
+    import serve
+    from test_predict import refused, run_main
+    refused(run_main(serve, tmp_path, "--port", "99999"), "--port must be at most 65535, not 99999")
