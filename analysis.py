@@ -24,7 +24,8 @@ ECE_BINS = 15  # equal-width bins over the top probability (Guo et al., 2017)
 COVERAGES = (1.0, 0.95, 0.9, 0.8, 0.5)  # shares of the test texts the model is most sure of
 TEMPERATURE_RANGE = (0.01, 100.0)  # where T is looked for
 SUSPECTS = 100  # at most this many suspect labels: the lowest p(given label) first ...
-SUSPECT_BELOW = 0.5  # ... and only those whose given label the model finds less likely than not
+SURE_OF_ANOTHER = 0.5  # ... and only those where the model is sure of another class (p >= this: more likely than all
+# the others together, the given one included); an unsure model (scores near 1/classes) names none
 
 
 def classification_metrics(labels, preds, names):
@@ -210,12 +211,15 @@ def mistakes(probs, labels, texts, names):
     return [row(texts[i], int(labels[i]), probs[i].tolist(), names) for i in wrong]
 
 
-def suspects(probs, labels, texts, names, most=SUSPECTS, below=SUSPECT_BELOW):
-    """Training examples whose given label the model finds least likely: at most `most`, each with p(given label)
-    under `below`, lowest first. Candidates to re-check by hand, not proven errors."""
+def suspects(probs, labels, texts, names, most=SUSPECTS, sure=SURE_OF_ANOTHER):
+    """Training examples whose given label the model finds least likely, lowest p(given label) first, at most
+    `most`: only those where it predicts another class with p >= `sure`. Worth a person's look, not proven errors:
+    a text the model is merely unsure of (every p below `sure`) is not listed."""
     given = probs.gather(1, labels[:, None])[:, 0]
-    order = torch.sort(given, stable=True).indices.tolist()
-    return [row(texts[i], int(labels[i]), probs[i].tolist(), names) for i in order[:most] if given[i] < below]
+    top, predicted = probs.max(-1)
+    worth_a_look = (predicted != labels) & (top >= sure)
+    order = [i for i in torch.sort(given, stable=True).indices.tolist() if worth_a_look[i]]
+    return [row(texts[i], int(labels[i]), probs[i].tolist(), names) for i in order[:most]]
 
 
 def most_confused(matrix, names):

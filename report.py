@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from analysis import ECE_BINS, SUSPECT_BELOW, SUSPECTS, most_confused
+from analysis import ECE_BINS, SURE_OF_ANOTHER, SUSPECTS, most_confused
 from config import AUDIT_LIMIT
 from runs import say
 
@@ -357,7 +357,7 @@ def good_enough(metrics, mistakes, shown=10):
                   confused[:MANY_CLASSES]]
     if audit:
         lines += ["", f"**Suspect labels.** After training, the model read its {audit['n']:,} training examples "
-                  f"again: {audit['suspects']:,} have a given label it finds less likely than {SUSPECT_BELOW:.0%} "
+                  f"again: for {audit['suspects']:,} it is sure ({SURE_OF_ANOTHER:.0%} or more) of another class than the given one "
                   f"(at most {SUSPECTS}, the least likely first, in the run's `suspect_labels.jsonl`). These are "
                   "candidates to re-check by hand, not proven errors: the model may be the one that is wrong."]
     return lines

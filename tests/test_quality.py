@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from PIL import Image
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from analysis import accuracy_at_coverage, calibrate, ece, fit_temperature, nll
+from analysis import accuracy_at_coverage, calibrate, ece, fit_temperature, nll, suspects
 from conftest import ROOT
 from config import resolve
 from data import load_data, make_loaders, tokenize
@@ -189,6 +189,21 @@ def test_predict_divides_the_logits_by_the_stored_temperature(run, tmp_path):
         assert [row["probs"]["neg"], row["probs"]["pos"]] == pytest.approx((logits / temperature).softmax(-1).tolist(),
                                                                            abs=1e-6)
     assert [r["score"] for r in rows] != pytest.approx(raw.softmax(-1).max(-1).values.tolist(), abs=1e-3)
+
+
+def test_the_audit_lists_only_labels_the_model_is_sure_are_another_class():
+    """An unsure model (3 classes, every p between 0.30 and 0.41, as after too few steps) names no suspect, though
+    p(given label) < 0.5 everywhere; a sure prediction of another class is named, and a given label that is also the
+    predicted one never is."""
+    names, texts = ["a", "b", "c"], [f"text {i}" for i in range(5)]
+    unsure = torch.tensor([[0.41, 0.30, 0.29], [0.30, 0.39, 0.31], [0.33, 0.33, 0.34], [0.35, 0.35, 0.30],
+                           [0.40, 0.31, 0.29]], dtype=torch.float64)
+    labels = torch.tensor([1, 0, 2, 2, 0])
+    assert suspects(unsure, labels, texts, names) == []
+    sure = torch.tensor([[0.90, 0.05, 0.05], [0.45, 0.40, 0.15], [0.05, 0.05, 0.90], [0.10, 0.70, 0.20],
+                         [0.60, 0.30, 0.10]], dtype=torch.float64)
+    found = suspects(sure, labels, texts, names)
+    assert [(s["text"], s["label"], s["predicted"]) for s in found] == [("text 0", "b", "a"), ("text 3", "c", "b")]
 
 
 def test_mislabeled_training_examples_are_among_the_top_suspects(run):
