@@ -34,6 +34,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import datasets
 import torch
@@ -112,6 +113,16 @@ def choose_precision(requested, cuda_capability, cpu_bf16_speedup=None):
     if cuda_capability is None:
         return "bf16" if (cpu_bf16_speedup or 0) >= BF16_PAYS_FROM else "fp32"
     return "bf16" if cuda_capability >= (8, 0) else "fp16"
+
+
+def precision_for(cfg, capability, model_config):
+    """(--precision resolved by choose_precision, the CPU's bf16 speedup it was chosen by or None): on a CPU with
+    `auto`, bf16 only where it is measured faster, on the model's width; one verdict for all processes."""
+    speedup = None
+    if cfg.precision == "auto" and capability is None:
+        tokens = min(cfg.batch_size * cfg.max_len, 4096)
+        speedup = broadcast_object_list([cpu_bf16_speedup(model_config.hidden_size, tokens)])[0]
+    return choose_precision(cfg.precision, capability, speedup), speedup
 
 
 def choose_attention(requested, device_type, precision):
@@ -253,13 +264,34 @@ def evaluate(model, loader, accelerator, names, threshold=0.5):
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
-def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step=lambda: None,
-                weights=None):
-    """The rest of one pass over the training data (all of it, unless resuming mid-epoch); updates `state`.
+@dataclasses.dataclass
+class Run:
+    """One run's working set, in one place: built by setup(), read by every step after it (fit, finish). `state` is
+    how far the run has come (epoch, step, best score, its log: runs.new_state), saved in every checkpoint."""
+    cfg: Config
+    accelerator: Accelerator
+    state: dict
+    out: Path = None  # the output folder
+    model: torch.nn.Module = None  # prepared by accelerate, as are the optimizer, schedule and loaders
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    loaders: dict = None  # {split: DataLoader}; "audit" reads the training split in order, after training
+    tokenizer: object = None
+    data: dict = None  # {split: the examples as read (texts, labels)}
+    names: list = None  # the class (or label) names, in the model's output order
+    weights: torch.Tensor = None  # --class-weights: the loss's weight per class or label; None: the plain loss
+    precision: str = "fp32"
+    lengths: dict = None  # the training texts' token lengths (report.length_stats), for lengths.png
+
+
+def train_epoch(run, batches, bar, on_step=lambda: None):
+    """The rest of one pass over the training data (all of it, unless resuming mid-epoch); updates `run.state`.
 
     Gradients of `grad_accum` micro-batches add up before each optimizer step, which comes on the LAST micro-batch
     of each group and on the epoch's last, possibly partial, group. Each loss is divided by its group's size, so a
     group's gradient is the mean over its examples, exactly as one big batch would give."""
+    model, optimizer, scheduler, accelerator, cfg, state = \
+        run.model, run.optimizer, run.scheduler, run.accelerator, run.cfg, run.state
     model.train()
     n = state["batches_done"] + len(batches)  # micro-batches in the whole epoch
     group_loss, group_tokens, group_positions = 0.0, 0, 0
@@ -269,7 +301,8 @@ def train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, sta
         step_now = i + 1 == group_start + group_size
         with nullcontext() if step_now else accelerator.no_sync(model):  # no gradient all-reduce mid-group
             output = model(**batch)  # with --class-weights the loss is ours: the model's own takes no weights
-            loss = output.loss if weights is None else weighted_loss(output.logits.float(), batch["labels"], weights)
+            loss = output.loss if run.weights is None else weighted_loss(output.logits.float(), batch["labels"],
+                                                                         run.weights)
             accelerator.backward(loss / group_size)
         group_loss += loss.detach()
         group_tokens += batch["attention_mask"].sum()  # real tokens; the rest of the positions are padding
@@ -304,11 +337,13 @@ def weighted_loss(logits, labels, weights):
     return torch.nn.functional.cross_entropy(logits, labels, weight=weights)
 
 
-def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record, started):
+def end_of_epoch(run, record, started):
     """Validate, log, keep the best model; returns the summary line, and the validation logits when this epoch's
     model became best/ (finish() calibrates on them instead of reading the validation split a second time)."""
-    val_logits = split_logits(model, loaders["validation"], accelerator) if "validation" in loaders else None
-    val = scores(*val_logits, names, cfg.threshold) if val_logits else None
+    cfg, state, out = run.cfg, run.state, run.out
+    val_logits = split_logits(run.model, run.loaders["validation"], run.accelerator) \
+        if "validation" in run.loaders else None
+    val = scores(*val_logits, run.names, cfg.threshold) if val_logits else None
     if val:
         record.update({f"val_{k}": val[k] for k in ("accuracy", "f1_micro", "f1_macro", "loss") if k in val})
     seconds = time.time() - started
@@ -320,9 +355,9 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
     if cfg.patience and state["bad_epochs"] >= cfg.patience:  # early stopping
         record["stopped"] = f"no improvement in val {cfg.metric_for_best} for {state['bad_epochs']} epochs"
         state["stopped"] = {"epoch": state["epoch"], "reason": record["stopped"]}
-    append_to_log(record, state, out, accelerator)
+    append_to_log(record, state, out, run.accelerator)
     if improved:
-        save_model(model, tokenizer, out / "best", accelerator)
+        save_model(run.model, run.tokenizer, out / "best", run.accelerator)
         state.update(best_score=score, best_epoch=state["epoch"], best_val=val)
     summary = f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}" + \
         (f" · val {report.headline(val)}" if val else "")
@@ -331,9 +366,11 @@ def end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names,
     return summary, val_logits if improved else None
 
 
-def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state, names, weights=None):
-    """The epochs, from wherever `state` stands, with checkpoints every `checkpoint_every` steps and at epoch ends.
-    Returns the state and the validation logits of the best model, if one of these epochs made it (else None)."""
+def fit(run):
+    """The epochs, from wherever `run.state` stands, with checkpoints every `checkpoint_every` steps and at epoch
+    ends. Returns the validation logits of the best model, if one of these epochs made it (else None)."""
+    cfg, state, out, accelerator, loaders = run.cfg, run.state, run.out, run.accelerator, run.loaders
+
     def stop_if_asked():
         if accelerator.check_trigger():  # Ctrl-C / SIGTERM during the steps, on any process: a checkpoint first
             save_checkpoint(out, state, accelerator)
@@ -342,7 +379,7 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
     def on_step():
         stop_if_asked()
         if cfg.log_every and state["step"] % cfg.log_every == 0:
-            log_step(state, scheduler, out, accelerator)
+            log_step(state, run.scheduler, out, accelerator)
         if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
             save_checkpoint(out, state, accelerator)
 
@@ -355,16 +392,14 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
         batches = accelerator.skip_first_batches(loaders["train"], state["batches_done"])
         with tqdm(total=len(loaders["train"]), initial=state["batches_done"], desc=f"epoch {epoch}", leave=False,
                   disable=not main) as bar, graceful_stop(accelerator):
-            train_loss = train_epoch(model, batches, optimizer, scheduler, accelerator, cfg, bar, state, on_step,
-                                     weights)
+            train_loss = train_epoch(run, batches, bar, on_step)
         stop_if_asked()  # a request that came after the epoch's last step
         state["train_seconds"] += time.time() - started
         tokens = accelerator.reduce(torch.tensor(state["tokens"], device=accelerator.device), reduction="sum")
         record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": train_loss,
-                  "lr": scheduler.get_last_lr()[0], "padding": round(1 - int(tokens[0]) / max(int(tokens[1]), 1), 4),
+                  "lr": run.scheduler.get_last_lr()[0], "padding": round(1 - int(tokens[0]) / max(int(tokens[1]), 1), 4),
                   "tokens": int(tokens[0]), "positions": int(tokens[1])}  # real tokens; positions incl. padding
-        summary, val_logits = end_of_epoch(model, tokenizer, loaders, accelerator, cfg, out, state, names, record,
-                                           started)
+        summary, val_logits = end_of_epoch(run, record, started)
         best_val_logits = best_val_logits if val_logits is None else val_logits
         state.update(epoch=epoch + 1, batches_done=0, loss_sum=0.0, log_mark=[0.0, 0], tokens=[0, 0])
         # after the last epoch only state.json: a finished run drops its weights and optimizer anyway (finish())
@@ -374,7 +409,7 @@ def fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, 
             tqdm.write(summary)  # tqdm.write keeps the bars intact
         if state["stopped"]:
             break
-    return state, best_val_logits
+    return best_val_logits
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,7 +429,7 @@ def enough_epochs(cfg, steps_per_epoch):
 
 
 def setup(cfg, accelerator, state, out, bf16_speedup=None):
-    """Data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices.
+    """The Run: data (the texts), tokenizer, model, optimizer, schedule, loaders, all prepared for the devices.
     bf16_speedup: what the precision was chosen by on a CPU (cpu_bf16_speedup), for the Model line."""
     with accelerator.main_process_first():  # the main process reads and tokenizes first; the others hit its cache
         data, names = load_data(cfg)
@@ -427,12 +462,14 @@ def setup(cfg, accelerator, state, out, bf16_speedup=None):
         "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler, optimizer,
         num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps))
     n = accelerator.num_processes
-    if bf16_speedup is not None:
-        precision = f"bf16 {bf16_speedup:.2g}× fp32 here: {precision}"
-    say(f"Model: {cfg.model} ({parameters_line(model, cfg.lora_r)}) · {precision}, "
+    shown = f"bf16 {bf16_speedup:.2g}× fp32 here: {precision}" if bf16_speedup is not None else precision
+    say(f"Model: {cfg.model} ({parameters_line(model, cfg.lora_r)}) · {shown}, "
         f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × "
         f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps")
-    return cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths
+    weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
+    return Run(cfg=cfg, accelerator=accelerator, state=state, out=out, model=model, optimizer=optimizer,
+               scheduler=scheduler, loaders=loaders, tokenizer=tokenizer, data=data, names=names, weights=weights,
+               precision=precision, lengths=lengths)
 
 
 def train(cfg: Config):
@@ -453,11 +490,7 @@ def train(cfg: Config):
         state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
         use_cache_only_if_offline(cfg)
         model_config = load_model_config(cfg)
-        speedup = None  # on a CPU, bf16 only where it is measured faster, on the model's width (one verdict for all)
-        if cfg.precision == "auto" and capability is None:
-            tokens = min(cfg.batch_size * cfg.max_len, 4096)
-            speedup = broadcast_object_list([cpu_bf16_speedup(model_config.hidden_size, tokens)])[0]
-        precision = choose_precision(cfg.precision, capability, speedup)
+        precision, speedup = precision_for(cfg, capability, model_config)
         accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                                   cpu=several_cpu_processes, project_dir=str(out),
                                   log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -465,8 +498,8 @@ def train(cfg: Config):
                                   step_scheduler_with_optimizer=False)  # we step it, once per optimizer step
         check_same_inputs(state, "model", model_fingerprint(cfg.model, model_config), out)
         set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
-        cfg, data, names, tokenizer, model, optimizer, scheduler, loaders, lengths = setup(cfg, accelerator, state, out,
-                                                                                           speedup)
+        run = setup(cfg, accelerator, state, out, speedup)
+        cfg = run.cfg  # settled by the data (multi-label?) and raised to --min-steps
         if state["step"] and epochs_left(state, cfg):
             load_checkpoint(accelerator, out, strict=not cfg.lora_r)  # LoRA: the frozen weights are not in it
             say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")
@@ -476,24 +509,23 @@ def train(cfg: Config):
             if accelerator.is_main_process:
                 open_output_dir(out, state, cfg)
                 if cfg.length_histogram:
-                    report.optional_output("lengths.png", report.plot_lengths, lengths, out / "lengths.png")
+                    report.optional_output("lengths.png", report.plot_lengths, run.lengths, out / "lengths.png")
             start_tracker(cfg, accelerator)
-            reference = baseline.for_run(cfg, data, names) if accelerator.is_main_process else (None, None)
-            weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
-            state, val_logits = fit(model, optimizer, scheduler, loaders, tokenizer, accelerator, cfg, out, state,
-                                    names, weights)
-            return finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits, reference)
+            reference = baseline.for_run(cfg, run.data, run.names) if accelerator.is_main_process else (None, None)
+            val_logits = fit(run)
+            return finish(run, started, val_logits, reference)
         except Exception as e:  # after the model loaded: put back an earlier run, say what is kept
             raise failed_run(e, cfg, out, accelerator.is_main_process) from None
 
 
-def finish(cfg, out, state, loaders, accelerator, names, precision, data, started, val_logits=None,
-           reference=(None, None)):
+def finish(run, started, val_logits=None, reference=(None, None)):
     """Evaluate the saved best model on the test split, once; calibrate it on the validation split and audit the
     training labels with it (analysis.py); write metrics.json (with `reference`: the baseline's test metrics, or
     why there are none), the temperature into best/ and the rest.
     val_logits: the best model's validation logits from its epoch's end (the weights saved in best/), if this
     process trained it; else (a resumed run whose best epoch came earlier) the validation split is read here."""
+    cfg, out, state, loaders, accelerator, names, data = \
+        run.cfg, run.out, run.state, run.loaders, run.accelerator, run.names, run.data
     accelerator.wait_for_everyone()  # what you evaluate is exactly what you ship: the files in best/
     best_model = AutoModelForSequenceClassification.from_pretrained(
         out / "best", use_safetensors=True,
@@ -511,7 +543,7 @@ def finish(cfg, out, state, loaders, accelerator, names, precision, data, starte
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
                "baseline": reference[0], "baseline_skipped": reference[1],  # baseline.py: TF-IDF + LR, or why not
                "config": dataclasses.asdict(absolute_paths(cfg)),  # local data paths absolute: found from anywhere
-               "output_dir": str(out), "precision": precision,
+               "output_dir": str(out), "precision": run.precision,
                "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:
                "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
                "audit": None if audit_logits is None else {"n": sizes["train"], "suspects": len(quality["suspects"])},

@@ -16,7 +16,7 @@ from toy import FILLER, NEGATIVE, POSITIVE, toy_examples, write_csv
 from config import UserError, parse_args, resolve
 from data import class_weights, describe, load_data, truncate
 from predict import load_classifier, predict
-from train import load_model, train, train_epoch
+from train import Run, load_model, train, train_epoch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,9 +94,9 @@ def test_balanced_class_weights_are_scikit_learns_and_weight_the_loss(tiny_model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights never move: one loss, twice
         state = {"batches_done": 0, "loss_sum": 0.0, "step": 0, "tokens": [0, 0]}
         AcceleratorState._reset_state()  # fp32 here, whatever precision an earlier test's accelerator left
-        train_epoch(model, [batch], optimizer, get_scheduler("constant", optimizer),
-                    Accelerator(cpu=True, mixed_precision="no"),
-                    resolve(model=tiny_model), tqdm(disable=True), state, weights=w)
+        train_epoch(Run(cfg=resolve(model=tiny_model), accelerator=Accelerator(cpu=True, mixed_precision="no"),
+                        state=state, model=model, optimizer=optimizer,
+                        scheduler=get_scheduler("constant", optimizer), weights=w), [batch], tqdm(disable=True))
         losses[name] = state["loss_sum"]
     with torch.no_grad():
         logits = model(**batch).logits

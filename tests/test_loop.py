@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, get_scheduler
 
 from toy import toy_examples
 from config import UserError, resolve
-from train import choose_precision, classification_metrics, load_model, make_optimizer, train_epoch
+from train import Run, choose_precision, classification_metrics, load_model, make_optimizer, train_epoch
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -36,7 +36,9 @@ def step_gradients(tiny_model, n_examples, batch_size, grad_accum):
     optimizer = RecordingSGD(model.parameters())
     scheduler = get_scheduler("constant", optimizer)
     state = {"batches_done": 0, "loss_sum": 0.0, "step": 0, "tokens": [0, 0]}
-    train_epoch(model, loader, optimizer, scheduler, Accelerator(cpu=True), cfg, tqdm(disable=True), state)
+    run = Run(cfg=cfg, accelerator=Accelerator(cpu=True), state=state, model=model, optimizer=optimizer,
+              scheduler=scheduler)
+    train_epoch(run, loader, tqdm(disable=True))
     return optimizer.seen
 
 
