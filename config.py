@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
+import os
 import re
 import sys
 import textwrap
@@ -138,6 +139,10 @@ def validate(cfg):
     for name in ("train_samples", "eval_samples", "threads"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (or none), not {value}")
+    cores = os.cpu_count() or 1
+    need(cfg.threads is None or cfg.threads <= cores,
+         f"--threads {cfg.threads} is more than this machine's {cores} CPU cores: more threads than cores only wait on "
+         "each other")
     need(cfg.report_to == "none" or importlib.util.find_spec(cfg.report_to),
          f"--report-to {cfg.report_to} needs its package: pip install {cfg.report_to}")
     need(cfg.patience >= 0, f"--patience must be >= 0 (0 = off), not {cfg.patience}")

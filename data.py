@@ -142,6 +142,13 @@ def read_local(location, cfg):
         raise UserError(f"{e.filename}: not readable (permission denied)") from None
 
 
+def check_local_paths(cfg):
+    """A local --dataset or --test-file that is not there, refused before anything loads (a model's seconds)."""
+    for location in (cfg.dataset, cfg.test_file):
+        if location and is_local(location) and not Path(location).expanduser().exists():
+            raise UserError(f"{Path(location).expanduser()}: no such file or folder")
+
+
 def is_local(location):
     return Path(location).expanduser().exists() or Path(location).suffix.lower() in FILE_FORMATS
 

@@ -51,7 +51,7 @@ import analysis
 import baseline
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
-from data import (absolute_paths, check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs,
+from data import (absolute_paths, check_local_paths, check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs,
                   load_data, make_loaders, model_inputs, offline_hint, tokenize, use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir, discard_earlier_run,
                   drop_checkpoint_weights, epochs_left, failed_run, graceful_stop, load_checkpoint, locked, log_step,
@@ -482,6 +482,7 @@ def train(cfg: Config):
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the matmuls left in fp32
     several_cpu_processes = capability is None and int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun on CPUs
     say_if_launched_as_one()
+    check_local_paths(cfg)  # a mistyped --dataset is told at once, not after the model's checks
     AcceleratorState._reset_state()  # accelerate keeps its settings per process: a notebook's next run may differ
     PartialState(cpu=several_cpu_processes)  # the processes meet first: they must agree on the output folder
     out = choose_output_dir(cfg)

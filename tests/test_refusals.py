@@ -32,6 +32,14 @@ def test_missing_file(tmp_path, tiny):
     refused(tmp_path, "no such file or folder", dataset=str(tmp_path / "nope.csv"), **tiny)
 
 
+def test_a_missing_file_is_told_before_the_model_is_looked_for(tmp_path):
+    refused(tmp_path, "nope.csv: no such file or folder", dataset=str(tmp_path / "nope.csv"),
+            test_file=str(tmp_path / "test.csv"), model=str(tmp_path / "no-such-model"))
+    (tmp_path / "train.csv").write_text("text,label\na,b\n")
+    refused(tmp_path, "test.csv: no such file or folder", dataset=str(tmp_path / "train.csv"),
+            test_file=str(tmp_path / "test.csv"), model=str(tmp_path / "no-such-model"))
+
+
 def test_unsupported_file_type(tmp_path, tiny):
     (tmp_path / "data.xlsx").write_text("x")
     refused(tmp_path, "unsupported file type", dataset=str(tmp_path / "data.xlsx"), **tiny)

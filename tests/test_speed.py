@@ -190,6 +190,13 @@ def test_bad_thread_counts_are_refused(value):
         parse_args([f"--threads={value}"])
 
 
+def test_more_threads_than_cores_are_refused(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert parse_args(["--threads=2"]).threads == 2
+    with pytest.raises(UserError, match="--threads 3 is more than this machine's 2 CPU cores"):
+        parse_args(["--threads=3"])
+
+
 def test_whole_run_times_the_seed_script_and_train_py(tiny_model, tmp_path):
     """bench.py --whole-run on the tiny model: both processes run to the end and are timed (no time asserted)."""
     from bench import whole_runs
