@@ -262,8 +262,10 @@ def test_a_bert_pair_model_predicts_and_exports_with_its_token_types(tmp_path):
                   audit=False, **{**RUN, "epochs": 1}))
     best = tmp_path / "run" / "best"
     model, tokenizer = predict.load_classifier(str(best))
-    model.bert.embeddings.token_type_embeddings.weight.data[1] += 5.0  # token types now matter, and show in the
-    model.classifier.weight.data *= 100  # logits (one epoch leaves the head's logits near 0.01 for any input)
+    # token types now matter, and show in the logits (one epoch leaves the head's logits near 0.01 for any input);
+    # not a constant added to the type embedding: the LayerNorm after the embeddings would take it off again
+    model.bert.embeddings.token_type_embeddings.weight.data[1] += torch.linspace(-5, 5, model.config.hidden_size)
+    model.classifier.weight.data *= 100
     pairs = [("a great film", "it was fun"), ("the plot was dull", "a great film")]
     encoded = tokenizer(*map(list, zip(*pairs)), padding=True, return_tensors="pt")
     with torch.no_grad():
