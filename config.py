@@ -47,7 +47,7 @@ class Config:
     batch_size: int = 16  # training examples per batch, per device
     eval_batch_size: int = 64  # evaluation examples per batch, per device
     epochs: int = 3  # passes over the training split
-    lr: float = 2e-5  # peak learning rate of AdamW; with --lora-r and no --lr: 30x this (or 30x the preset's lr)
+    lr: float | None = None  # peak lr of AdamW; none: by the model's width (train.default_lr: 2e-5 for DistilBERT and wider, 1e-4 below); with --lora-r and no --lr: 30x that (or 30x the preset's lr)
     weight_decay: float = 0.01  # AdamW weight decay (not on biases and LayerNorm weights)
     warmup_ratio: float = 0.06  # share of the optimizer steps spent warming the lr up from 0
     scheduler: str = "cosine"  # the lr after warmup
@@ -160,7 +160,7 @@ def validate(cfg):
     need(cfg.label_sep != "", "--label-sep must not be empty (none = one label per cell)")
     need(cfg.label_sep is None or cfg.problem != "single_label",
          "--label-sep splits a cell into several labels: that is --problem multi_label (or auto), not single_label")
-    need(cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
+    need(cfg.lr is None or cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
     need(cfg.lora_r >= 0, f"--lora-r must be >= 0 (0 = full fine-tuning), not {cfg.lora_r}")
     need(cfg.lora_alpha is None or cfg.lora_alpha >= 0,
          f"--lora-alpha must be >= 0 (0 = 2 x lora-r), not {cfg.lora_alpha}")
@@ -261,8 +261,8 @@ def resolve(preset="imdb", **overrides):
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     values = {name: value() if callable(value) else value for name, value in PRESETS[preset].items()}
     values = {**values, **overrides, "preset": preset}
-    if values.get("lora_r") and "lr" not in overrides:  # no --lr given: the rate that suits LoRA
-        values["lr"] = LORA_LR_FACTOR * values.get("lr", Config.lr)
+    if values.get("lora_r") and "lr" not in overrides and values.get("lr"):  # the preset's lr, as suits LoRA
+        values["lr"] = LORA_LR_FACTOR * values["lr"]  # (no lr at all: train.default_lr applies the factor)
     return validate(Config(**values))
 
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from config import Config, UserError, parse_args_or_exit, settle
+from config import LORA_LR_FACTOR, Config, UserError, parse_args_or_exit, settle
 
 
 def interrupted_before_the_run(signum, frame):
@@ -78,6 +78,14 @@ def load_model_config(cfg):
     if limit is not None and cfg.max_len > limit:
         raise UserError(f"--max-len {cfg.max_len} is beyond what {cfg.model} can read ({limit} positions)")
     return model_config
+
+
+def default_lr(hidden_size, lora_r=0):
+    """The peak lr when --lr is not given: 2e-5 for models 768 wide or wider (DistilBERT, BERT-base: the main job's
+    recipe), 1e-4 for narrower ones (MiniLM-L6 is 384 wide: at 2e-5 it lost to the TF-IDF baseline on 1,600 tweets,
+    see docs/quality.md; small models want higher rates, as in Turc et al. 2019). LoRA: LORA_LR_FACTOR times that."""
+    base = 2e-5 if hidden_size >= 768 else 1e-4
+    return base * (LORA_LR_FACTOR if lora_r else 1)
 
 
 BF16_PAYS_FROM = 1.3  # bf16 training also pays for its casts: a matmul speedup below this is not worth them
@@ -465,7 +473,7 @@ def setup(cfg, accelerator, state, out, bf16_speedup=None):
     shown = f"bf16 {bf16_speedup:.2g}× fp32 here: {precision}" if bf16_speedup is not None else precision
     say(f"Model: {cfg.model} ({parameters_line(model, cfg.lora_r)}) · {shown}, "
         f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × "
-        f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps")
+        f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps · lr {cfg.lr:.0e}")
     weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
     return Run(cfg=cfg, accelerator=accelerator, state=state, out=out, model=model, optimizer=optimizer,
                scheduler=scheduler, loaders=loaders, tokenizer=tokenizer, data=data, names=names, weights=weights,
@@ -491,6 +499,8 @@ def train(cfg: Config):
         state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
         use_cache_only_if_offline(cfg)
         model_config = load_model_config(cfg)
+        if cfg.lr is None:  # the rate that suits the model's width
+            cfg = dataclasses.replace(cfg, lr=default_lr(model_config.hidden_size, cfg.lora_r))
         precision, speedup = precision_for(cfg, capability, model_config)
         accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                                   cpu=several_cpu_processes, project_dir=str(out),

@@ -105,3 +105,13 @@ def test_a_tie_of_the_metric_for_best_is_broken_by_validation_loss(monkeypatch, 
         train_module.end_of_epoch(None, None, {"validation": None}, None, cfg, tmp_path, state, ["a", "b"], record, 0)
     assert saved == [1, 2] and state["best_epoch"] == 2 and state["best_val"]["loss"] == 0.09
     assert state["bad_epochs"] == 1
+
+
+def test_no_lr_given_takes_the_rate_of_the_models_width(fast, files, tmp_path, capsys):
+    """The tiny model is 32 wide, narrower than DistilBERT: 1e-4 (train.default_lr), used and recorded."""
+    settings = {key: value for key, value in fast.items() if key != "lr"}
+    metrics = train(run_settings(settings, files, tmp_path))
+    assert metrics["config"]["lr"] == 1e-4
+    assert "· lr 1e-04" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert max(r["lr"] for r in log if "lr" in r) <= 1e-4

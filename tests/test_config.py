@@ -11,7 +11,10 @@ from config import Config, UserError, parse_args, resolve
 def test_defaults_are_the_recipe():
     cfg = parse_args([])
     assert (cfg.model, cfg.dataset, cfg.batch_size, cfg.epochs, cfg.max_len, cfg.lr, cfg.scheduler) == \
-        ("distilbert-base-uncased", "stanfordnlp/imdb", 16, 3, 256, 2e-5, "cosine")
+        ("distilbert-base-uncased", "stanfordnlp/imdb", 16, 3, 256, None, "cosine")
+    from transformers import DistilBertConfig
+    from train import default_lr
+    assert default_lr(DistilBertConfig().hidden_size) == 2e-5  # the lr a run picks for DistilBERT: 768 wide
 
 
 def test_dashes_and_underscores_and_types():

@@ -24,7 +24,7 @@ from data import load_data
 from test_distributed import torchrun
 from test_resume import assert_same_run, resume, start, wait_for_bar
 from toy import toy_examples, toy_label_sets, unsure_pairs, write_csv
-from train import train
+from train import default_lr, train
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,9 @@ def test_multi_label_with_class_weights_and_early_stopping(encoder, tmp_path):
 
 
 def test_the_default_lr_follows_lora_r_and_an_explicit_lr_wins():
-    assert resolve().lr == 2e-5 and resolve(lora_r=8).lr == pytest.approx(6e-4)
+    assert resolve().lr is None and resolve(lora_r=8).lr is None  # set by the model's width: train.default_lr
+    assert default_lr(768) == 2e-5 and default_lr(768, lora_r=8) == pytest.approx(6e-4)
+    assert default_lr(1024) == 2e-5 and default_lr(384) == 1e-4 and default_lr(384, lora_r=8) == pytest.approx(3e-3)
     assert resolve("demo", lora_r=8).lr == pytest.approx(3e-3)  # 30x the preset's
     assert resolve(lora_r=8, lr=3e-5).lr == 3e-5
 
