@@ -276,6 +276,16 @@ def recover(folder):
     return folder
 
 
+def readable_as_umask_allows(folder):
+    """Every file below `folder` with the mode a new file gets (0644 under the usual umask 022): save_pretrained
+    writes model.safetensors as 0600, which a server running as another user (a container's) cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
+
+
 def save_model(model, tokenizer, folder, accelerator):
     """The model and tokenizer (save_pretrained: safetensors, config with the class names). Written beside `folder`,
     then moved in file by file (os.replace: atomic), so that `folder` holds a whole, loadable model at every
@@ -292,6 +302,7 @@ def save_model(model, tokenizer, folder, accelerator):
             model = copy.deepcopy(model).merge_and_unload()  # a merged copy: the model in training keeps its LoRA
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        readable_as_umask_allows(tmp)
         if not folder.exists():
             tmp.rename(folder)
         else:

@@ -1,5 +1,6 @@
 """End to end on the tiny checkpoint: every data format, the output files, reloading, reproducibility."""
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -61,6 +62,10 @@ def test_outputs_follow_the_contract(tmp_path, fast, toy_csv):
     assert set(log[0]) >= {"epoch", "step", "train_loss", "lr", "val_accuracy", "val_f1_macro", "seconds"}
     assert log[-1]["train_loss"] < log[0]["train_loss"]  # the loss falls
     assert log[-1]["step"] == 3 * 18  # 288 training examples / 16 per batch = 18 steps an epoch
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {file.name: file.stat().st_mode & 0o777 for file in (out / "best").iterdir() if file.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # the weights too (save_pretrained wrote them 0600)
 
 
 def test_best_model_works_in_a_pipeline(tmp_path, fast, toy_csv):
