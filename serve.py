@@ -16,6 +16,7 @@ taking requests while the model computes. Bad input is a 4xx with a one-line rea
 full queue a 503 with Retry-After. SIGTERM: no new connections, every request already accepted answered, exit 0.
 The service keeps no state between requests but its metrics: run as many replicas as you like behind a balancer.
 """
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -442,10 +443,11 @@ def read_reference(model_dir):
 
 
 def parse_args(argv):
-    parser = OneLineParser(description="Serve a trained model folder over HTTP (POST /predict, /docs).")
+    parser = OneLineParser(description="Serve a trained model folder over HTTP (POST /predict, /docs).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows each default
     parser.add_argument("model_dir", help="a trained model folder, e.g. runs/<run>/best")
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="the port to listen on (1-65535)")
     parser.add_argument("--backend", choices=("torch", "onnx", "onnx-int8"), default="torch",
                         help="PyTorch, or export.py's MODEL_DIR/onnx/model.onnx or model.int8.onnx (onnxruntime)")
     parser.add_argument("--max-batch-tokens", type=int, default=16384,
