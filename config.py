@@ -160,7 +160,7 @@ def validate(cfg):
     need(cfg.label_sep != "", "--label-sep must not be empty (none = one label per cell)")
     need(cfg.label_sep is None or cfg.problem != "single_label",
          "--label-sep splits a cell into several labels: that is --problem multi_label (or auto), not single_label")
-    need(cfg.lr is None or cfg.lr > 0, f"--lr must be positive, not {cfg.lr}")
+    need(cfg.lr is None or 0 < cfg.lr < float("inf"), f"--lr must be positive and finite, not {cfg.lr}")
     need(cfg.lora_r >= 0, f"--lora-r must be >= 0 (0 = full fine-tuning), not {cfg.lora_r}")
     need(cfg.lora_alpha is None or cfg.lora_alpha >= 0,
          f"--lora-alpha must be >= 0 (0 = 2 x lora-r), not {cfg.lora_alpha}")

@@ -150,7 +150,9 @@ def check_local_paths(cfg):
 
 
 def is_local(location):
-    return Path(location).expanduser().exists() or Path(location).suffix.lower() in FILE_FORMATS
+    """A file or folder here (or meant to be: a data file's suffix, or a path no Hub id can be: /, ./, ../, ~)."""
+    return Path(location).expanduser().exists() or Path(location).suffix.lower() in FILE_FORMATS or \
+        location.startswith(("/", "./", "../", "~"))
 
 
 def absolute_paths(cfg):

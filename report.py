@@ -82,8 +82,9 @@ def beside_baseline(metrics):
             say(f"Baseline skipped: {metrics['baseline_skipped']} (see --baseline)")
         return
     model, base, name = metrics["test"][key], reference[key], metric_name(metrics, key)
-    say(f"Test {name} {model:.4f} · baseline ({reference['model']}) {base:.4f} · "
-        f"{'ahead by' if model > base else 'behind by'} {abs(model - base):.4f}")
+    standing = "level with it" if model == base else \
+        f"{'ahead by' if model > base else 'behind by'} {abs(model - base):.4f}"
+    say(f"Test {name} {model:.4f} · baseline ({reference['model']}) {base:.4f} · {standing}")
     if model <= base:
         say(f"Warning: the model does not beat the {reference['model']} baseline on test {name} ({model:.4f} vs "
             f"{base:.4f}). Try more epochs (--epochs {2 * cfg['epochs']} --patience 2), a higher --lr (now "

@@ -389,7 +389,7 @@ def save_only_trainable_weights(accelerator):
 
 
 def read_checkpoint_state(out, cfg):
-    """The saved state, if the run in `out` can be continued with this config (checked before anything loads);
+    """The saved state, if the run in `out` can be continued with this config (checked before the weights load);
     a new state where the run never reached its first checkpoint."""
     state_file = recover(out / "checkpoint") / "state.json"
     if not (out / "checkpoint").exists():

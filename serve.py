@@ -22,6 +22,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -45,6 +46,8 @@ from data import encode
 from predict import (check_inputs, check_options, encoded_logits, first_line, label_threshold, load_classifier,
                      max_tokens, reads_pairs, results_of, temperature, torch_forward, truncation_of)
 
+# a request's texts are few: the tokenizer's own thread pool would only compete with the forward pass for the cores
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: one stream, one format
 INPUTS = ('"inputs" must be a text, a list of texts, or for a pair model a list of [text, pair] pairs, e.g. '
           '{"inputs": ["A wonderful film."]}')

@@ -473,7 +473,7 @@ def setup(cfg, accelerator, state, out, bf16_speedup=None):
     shown = f"bf16 {bf16_speedup:.2g}× fp32 here: {precision}" if bf16_speedup is not None else precision
     say(f"Model: {cfg.model} ({parameters_line(model, cfg.lora_r)}) · {shown}, "
         f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × "
-        f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps · lr {cfg.lr:.0e}")
+        f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps · lr {cfg.lr:g}")
     weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
     return Run(cfg=cfg, accelerator=accelerator, state=state, out=out, model=model, optimizer=optimizer,
                scheduler=scheduler, loaders=loaders, tokenizer=tokenizer, data=data, names=names, weights=weights,
@@ -496,11 +496,11 @@ def train(cfg: Config):
     out = choose_output_dir(cfg)
     with locked(out), stop_on_signals(out, cfg):
         check_output_dir(out, cfg)
-        state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
         use_cache_only_if_offline(cfg)
         model_config = load_model_config(cfg)
-        if cfg.lr is None:  # the rate that suits the model's width
+        if cfg.lr is None:  # the rate that suits the model's width (before a resume compares it with the run's)
             cfg = dataclasses.replace(cfg, lr=default_lr(model_config.hidden_size, cfg.lora_r))
+        state = read_checkpoint_state(out, cfg) if cfg.resume else new_state(cfg)
         precision, speedup = precision_for(cfg, capability, model_config)
         accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                                   cpu=several_cpu_processes, project_dir=str(out),

@@ -102,7 +102,9 @@ def test_a_tie_of_the_metric_for_best_is_broken_by_validation_loss(monkeypatch, 
     for epoch in (1, 2, 3):
         state["epoch"] = epoch
         record = {"epoch": epoch, "train_loss": 0.5, "lr": 1e-5, "padding": 0.1}
-        train_module.end_of_epoch(None, None, {"validation": None}, None, cfg, tmp_path, state, ["a", "b"], record, 0)
+        run = train_module.Run(cfg=cfg, accelerator=None, state=state, out=tmp_path, loaders={"validation": None},
+                               names=["a", "b"])
+        train_module.end_of_epoch(run, record, 0)
     assert saved == [1, 2] and state["best_epoch"] == 2 and state["best_val"]["loss"] == 0.09
     assert state["bad_epochs"] == 1
 
@@ -112,6 +114,19 @@ def test_no_lr_given_takes_the_rate_of_the_models_width(fast, files, tmp_path, c
     settings = {key: value for key, value in fast.items() if key != "lr"}
     metrics = train(run_settings(settings, files, tmp_path))
     assert metrics["config"]["lr"] == 1e-4
-    assert "· lr 1e-04" in capsys.readouterr().out
+    assert "· lr 0.0001" in capsys.readouterr().out
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert max(r["lr"] for r in log if "lr" in r) <= 1e-4
+
+
+@pytest.mark.parametrize("model, line", [(0.75, "· level with it"), (0.80, "· ahead by 0.0500"),
+                                         (0.70, "· behind by 0.0500")])
+def test_the_closing_line_puts_the_model_beside_its_baseline(model, line, capsys):
+    import report
+    metrics = {"baseline": {"accuracy": 0.75, "model": "TF-IDF + logistic regression"}, "baseline_skipped": None,
+               "config": {"metric_for_best": "accuracy", "epochs": 3, "lr": 1e-4, "max_len": 128},
+               "test": {"accuracy": model}}
+    report.beside_baseline(metrics)
+    captured = capsys.readouterr()
+    assert line in captured.out
+    assert ("does not beat" in captured.err) == (model <= 0.75)  # a tie does not beat it either

@@ -49,6 +49,7 @@ def test_argv_is_read_outside_a_notebook(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "-1e-5"], "--lr must be positive"),
+    (["--lr", "inf"], "--lr must be positive and finite, not inf"),
     (["--max-len", "0"], "--max-len must be at least 1"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--bogus", "1"], "unrecognized arguments: --bogus"),
@@ -70,7 +71,7 @@ def test_cli_refusal_is_one_line_and_exit_2():
     """A bad flag fails fast: exit 2, one line on stderr, no traceback, no usage dump."""
     run = subprocess.run([sys.executable, "train.py", "--lr", "-3"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == ["error: --lr must be positive, not -3.0"]
+    assert run.stderr.strip().splitlines() == ["error: --lr must be positive and finite, not -3.0"]
 
 
 def test_help_lists_every_flag_once_with_its_default_and_the_presets():

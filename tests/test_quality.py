@@ -192,15 +192,17 @@ def test_predict_divides_the_logits_by_the_stored_temperature(run, tmp_path):
 
 
 def test_the_audit_lists_only_labels_the_model_is_sure_are_another_class():
-    """An unsure model (3 classes, every p between 0.30 and 0.41, as after too few steps) names no suspect, though
-    p(given label) < 0.5 everywhere; a sure prediction of another class is named, and a given label that is also the
-    predicted one never is."""
+    """An unsure model (3 classes, every p between 0.30 and 0.41, as after too few steps; 2 classes at a coin's
+    0.50-0.51) names no suspect, though p(given label) < 0.5 everywhere; a sure (p >= 0.6) prediction of another
+    class is named, and a given label that is also the predicted one never is."""
     names, texts = ["a", "b", "c"], [f"text {i}" for i in range(5)]
     unsure = torch.tensor([[0.41, 0.30, 0.29], [0.30, 0.39, 0.31], [0.33, 0.33, 0.34], [0.35, 0.35, 0.30],
                            [0.40, 0.31, 0.29]], dtype=torch.float64)
     labels = torch.tensor([1, 0, 2, 2, 0])
     assert suspects(unsure, labels, texts, names) == []
-    sure = torch.tensor([[0.90, 0.05, 0.05], [0.45, 0.40, 0.15], [0.05, 0.05, 0.90], [0.10, 0.70, 0.20],
+    coin = torch.tensor([[0.5036, 0.4964], [0.4964, 0.5036], [0.5030, 0.4970]], dtype=torch.float64)
+    assert suspects(coin, torch.tensor([1, 0, 1]), texts[:3], ["neg", "pos"]) == []
+    sure = torch.tensor([[0.90, 0.05, 0.05], [0.45, 0.40, 0.15], [0.05, 0.05, 0.90], [0.05, 0.80, 0.15],
                          [0.60, 0.30, 0.10]], dtype=torch.float64)
     found = suspects(sure, labels, texts, names)
     assert [(s["text"], s["label"], s["predicted"]) for s in found] == [("text 0", "b", "a"), ("text 3", "c", "b")]

@@ -35,6 +35,8 @@ def test_missing_file(tmp_path, tiny):
 def test_a_missing_file_is_told_before_the_model_is_looked_for(tmp_path):
     refused(tmp_path, "nope.csv: no such file or folder", dataset=str(tmp_path / "nope.csv"),
             test_file=str(tmp_path / "test.csv"), model=str(tmp_path / "no-such-model"))
+    refused(tmp_path, "news: no such file or folder", dataset=str(tmp_path / "news"),  # a folder: no suffix
+            model=str(tmp_path / "no-such-model"))
     (tmp_path / "train.csv").write_text("text,label\na,b\n")
     refused(tmp_path, "test.csv: no such file or folder", dataset=str(tmp_path / "train.csv"),
             test_file=str(tmp_path / "test.csv"), model=str(tmp_path / "no-such-model"))
