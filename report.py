@@ -358,7 +358,8 @@ def good_enough(metrics, mistakes, shown=10):
                   confused[:MANY_CLASSES]]
     if audit:
         lines += ["", f"**Suspect labels.** After training, the model read its {audit['n']:,} training examples "
-                  f"again: for {audit['suspects']:,} it is sure ({SURE_OF_ANOTHER:.0%} or more) of another class than the given one "
+                  f"again: for {audit['suspects']:,} it is sure ({SURE_OF_ANOTHER:.0%} or more) of another class "
+                  "than the given one "
                   f"(at most {SUSPECTS}, the least likely first, in the run's `suspect_labels.jsonl`). These are "
                   "candidates to re-check by hand, not proven errors: the model may be the one that is wrong."]
     return lines

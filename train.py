@@ -51,8 +51,9 @@ import analysis
 import baseline
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
-from data import (absolute_paths, check_local_paths, check_tokenizer, class_weights, describe, fingerprint, is_multi_label, is_pairs,
-                  load_data, make_loaders, model_inputs, offline_hint, tokenize, use_cache_only_if_offline)
+from data import (absolute_paths, check_local_paths, check_tokenizer, class_weights, describe, fingerprint,
+                  is_multi_label, is_pairs, load_data, make_loaders, model_inputs, offline_hint, tokenize,
+                  use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir, discard_earlier_run,
                   drop_checkpoint_weights, epochs_left, failed_run, graceful_stop, load_checkpoint, locked, log_step,
                   model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
@@ -405,7 +406,8 @@ def fit(run):
         state["train_seconds"] += time.time() - started
         tokens = accelerator.reduce(torch.tensor(state["tokens"], device=accelerator.device), reduction="sum")
         record = {"kind": "epoch", "epoch": epoch, "step": state["step"], "train_loss": train_loss,
-                  "lr": run.scheduler.get_last_lr()[0], "padding": round(1 - int(tokens[0]) / max(int(tokens[1]), 1), 4),
+                  "lr": run.scheduler.get_last_lr()[0],
+                  "padding": round(1 - int(tokens[0]) / max(int(tokens[1]), 1), 4),
                   "tokens": int(tokens[0]), "positions": int(tokens[1])}  # real tokens; positions incl. padding
         summary, val_logits = end_of_epoch(run, record, started)
         best_val_logits = best_val_logits if val_logits is None else val_logits
