@@ -37,9 +37,11 @@ FULL = dict(texts=50_000, bench_samples=4_000, brief_samples=4_000, compile_samp
             main_flags=[], bench_flags=["--max-len", "256"], minilm_flags=["--epochs", "3", "--max-len", "256"],
             budget_s=450)
 DRY = dict(texts=64, bench_samples=16, brief_samples=32, compile_samples=32, compile_epochs=1,
-           main_flags=["--epochs", "1", "--max-len", "32", "--batch-size", "32"], bench_flags=["--max-len", "32"],
+           # --min-steps 0: 28 texts make one step an epoch, and the step floor would make the one epoch 300
+           main_flags=["--epochs", "1", "--max-len", "32", "--batch-size", "32", "--min-steps", "0"],
+           bench_flags=["--max-len", "32"],
            minilm_flags=["--epochs", "1", "--max-len", "32", "--batch-size", "64", "--train-samples", "64",
-                         "--eval-samples", "16"], budget_s=600)
+                         "--eval-samples", "16", "--min-steps", "0"], budget_s=600)
 # Each step's own limit in seconds (estimates for an H200 in the comments; the budget cuts the later ones short)
 CAPS = {"device": 60,  # ~15 s: imports and three matmul peaks
         "main_job": 240,  # ~2 min: 4,221 steps of batch 16 at ~12 ms, tokenizing 50,000 texts, 55,000 evaluated
@@ -306,6 +308,7 @@ def fp16(check, until):
     n = str(check.size["brief_samples"])
     flags = imdb_flags(check) + check.size["main_flags"] + ["--precision", precision, "--epochs", "1", "--log-every",
                                                             "10", "--train-samples", n, "--eval-samples", n,
+                                                            "--min-steps", "0",  # one epoch, as asked
                                                             "--keep-checkpoint"]  # its scaler and schedule are read
     run = train_run(check, "fp16", flags, until)
     skipped, scale = scaler_readings(check.work / "fp16" / "checkpoint")

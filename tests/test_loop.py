@@ -61,7 +61,7 @@ def test_partial_last_group_steps_with_its_own_mean(tiny_model):
 
 def test_no_weight_decay_on_biases_and_layernorm(tiny_model):
     model = load_model(resolve(model=tiny_model), ["a", "b"])
-    decayed, plain = make_optimizer(model, resolve(weight_decay=0.05), fused=False).param_groups
+    decayed, plain = make_optimizer(model, resolve(weight_decay=0.05, lr=2e-5), fused=False).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     plain_names = [names[id(p)] for p in plain["params"]]
     assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
