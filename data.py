@@ -132,10 +132,16 @@ def read_file(path, cfg):
         datasets.logging.set_verbosity(verbosity)
 
 
-def read_local(location, cfg):
+def existing(location):
+    """The local path, or a one-line refusal when nothing is there."""
     path = Path(location).expanduser()
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
+    return path
+
+
+def read_local(location, cfg):
+    path = existing(location)
     try:
         return read_folder(path, cfg) if path.is_dir() else read_file(path, cfg)
     except PermissionError as e:
@@ -145,8 +151,8 @@ def read_local(location, cfg):
 def check_local_paths(cfg):
     """A local --dataset or --test-file that is not there, refused before anything loads (a model's seconds)."""
     for location in (cfg.dataset, cfg.test_file):
-        if location and is_local(location) and not Path(location).expanduser().exists():
-            raise UserError(f"{Path(location).expanduser()}: no such file or folder")
+        if location and is_local(location):
+            existing(location)
 
 
 def is_local(location):
