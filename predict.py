@@ -506,6 +506,7 @@ def join_parts(folder, sizes, target, rank, processes):
 
 
 def main(argv=None):
+    state = None
     try:
         args = parse_args(argv)
         if args.file is not None and args.texts:
@@ -530,6 +531,12 @@ def main(argv=None):
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    finally:
+        # Leave the process group ourselves: gloo's threads torn down at interpreter exit can abort a process
+        # that has finished its work (SIGABRT, seen in CI). No barrier here: after an error on one process it
+        # would wait for the others for ever.
+        if state:
+            state.destroy_process_group()
 
 
 if __name__ == "__main__":
