@@ -534,7 +534,7 @@ def main(argv=None):
     finally:
         # Leave the process group ourselves: gloo's threads torn down at interpreter exit can abort a process
         # that has finished its work (SIGABRT, seen in CI). No barrier here: after an error on one process it
-        # would wait for the others for ever.
+        # would hold the others until gloo's timeout (30 min).
         if state:
             state.destroy_process_group()
 
