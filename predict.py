@@ -463,18 +463,20 @@ def write_output(args, model, rank=0, processes=1):
     whole until then, and stays if anything fails), or to standard output. Under several processes each writes
     its chunks into its own part file, and the main process joins them in input order: every row once."""
     target = Path(args.output) if args.output else None
-    folder = None
-    if processes > 1:  # one folder for the parts, named by the main process
-        from accelerate.utils import broadcast_object_list
-        made = [tempfile.mkdtemp(prefix=".predict-", dir=target.parent if target else None) if rank == 0 else None]
-        folder = Path(broadcast_object_list(made)[0])
+    folder = parts_folder(target, rank) if processes > 1 else None
     part = folder / f"part{rank}" if folder else target and target.with_name(target.name + ".tmp")
     try:
-        with open(part, "wb") if part else contextlib.nullcontext(sys.stdout) as f:
-            out = (lambda text: f.write(text.encode("utf-8"))) if part else (lambda text: f.write(text) and 0)
-            seen, sizes = score(input_chunks(args, reads_pairs(model)), args, model, out, rank, processes)
+        try:
+            with open(part, "wb") if part else contextlib.nullcontext(sys.stdout) as f:
+                out = (lambda text: f.write(text.encode("utf-8"))) if part else (lambda text: f.write(text) and 0)
+                seen, sizes = score(input_chunks(args, reads_pairs(model)), args, model, out, rank, processes)
+            failure = None
+        except (OSError, UserError) as e:
+            if processes == 1:
+                raise
+            failure, seen, sizes = e, 0, []  # told to the others in join_parts, so that none waits for this one
         if processes > 1:
-            join_parts(folder, sizes, target, rank, processes)
+            join_parts(folder, sizes, target, rank, processes, failure)
         if not seen:
             raise UserError("no texts: give them as arguments, with --file, or on standard input")
         if target and rank == 0:
@@ -490,11 +492,33 @@ def write_output(args, model, rank=0, processes=1):
         sys.stdout.flush()
 
 
-def join_parts(folder, sizes, target, rank, processes):
+def parts_folder(target, rank):
+    """The folder for the parts, made by the main process beside the output; every process gets its name, or the
+    reason it could not be made (so that all stop with the same one-line error)."""
+    from accelerate.utils import broadcast_object_list
+    made, where = None, target.parent if target else Path(tempfile.gettempdir())
+    if rank == 0:
+        try:
+            made = tempfile.mkdtemp(prefix=".predict-", dir=where)
+        except OSError as e:
+            told = f"--output {target}" if target else f"{where} (the parts of the output)"
+            made = UserError(f"{told}: could not write ({e.strerror or first_line(e)})")
+    made = broadcast_object_list([made])[0]
+    if isinstance(made, UserError):
+        raise made
+    return Path(made)
+
+
+def join_parts(folder, sizes, target, rank, processes, failure=None):
     """The main process copies chunk i's rows from part (i % processes), chunk after chunk: one output, every row
-    once, in input order (into folder/joined, or standard output)."""
+    once, in input order (into folder/joined, or standard output). A process that failed (`failure`) still comes
+    here: then every process raises the first failure, instead of the others waiting for it."""
     from accelerate.utils import gather_object
-    every = gather_object([sizes])  # [the sizes of process 0's chunks, process 1's, ...]
+    every = gather_object([(sizes, failure)])  # [(process 0's chunk sizes, its failure), (process 1's ...), ...]
+    failures = [f for _, f in every if f is not None]
+    if failures:
+        raise failures[0]
+    every = [sizes for sizes, _ in every]
     if rank == 0:
         parts = [open(folder / f"part{r}", "rb") for r in range(processes)]
         with open(folder / "joined", "wb") if target else contextlib.nullcontext(sys.stdout) as joined:

@@ -306,3 +306,21 @@ def test_two_processes_write_one_output_in_input_order(trained, tmp_path):
         else:
             assert [r["text"] for r in csv.DictReader(io.StringIO(two))] == lines  # one header
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".predict-")]  # the parts are gone
+
+
+def test_two_processes_that_cannot_write_stop_with_one_line(trained, tmp_path):
+    """Under torchrun, an output folder where nothing can be written (/proc, even for root): every process stops
+    with the same one-line error and exit code 2, none waits for the others, no traceback from predict.py."""
+    import os
+    (tmp_path / "in.txt").write_text("a good film\na dull film\n")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "predict.py", str(trained), "--file", str(tmp_path / "in.txt"),
+                          "--output", "/proc/predict-out.jsonl"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    # the same line from each process (torchrun may stop the second before it prints: then only one)
+    assert errors in [["error: --output /proc/predict-out.jsonl: could not write (No such file or directory)"] * n
+                      for n in (1, 2)]
+    # torchrun reports its failed children with a traceback of its own; none comes from predict.py itself
+    assert 'predict.py", line' not in run.stderr and run.returncode != 0
+    assert "exitcode  : 2" in run.stderr  # the first to end (torchrun then stops the other) had the user-error code
