@@ -318,3 +318,27 @@ def test_a_port_beyond_65535_is_one_line(tmp_path):
     import serve
     from test_predict import refused, run_main
     refused(run_main(serve, tmp_path, "--port", "99999"), "--port must be at most 65535, not 99999")
+
+
+def test_the_warm_up_runs_in_the_worker_thread_and_a_failing_model_stops_the_start():
+    """The worker thread runs the warm-up pass itself before it takes requests (a pass in the main thread first
+    made every later one slower); a model that fails on it stops the start, instead of a server that hangs."""
+    pytest.importorskip("fastapi")
+    from serve import Batcher, Metrics
+    threads = []
+
+    def logits(encoded):
+        threads.append(threading.current_thread().name)
+        return [[0.0]] * len(encoded["input_ids"])
+    batcher = Batcher(logits, 64, 0.0, 8, Metrics(), warm_up={"input_ids": [[1, 2]]})
+    batcher.start()
+    assert threads == ["forward"]  # done before start() returned, in the worker thread
+    batcher.close()
+
+    def broken(encoded):
+        raise RuntimeError("the model cannot run")
+    failing = Batcher(broken, 64, 0.0, 8, Metrics(), warm_up={"input_ids": [[1, 2]]})
+    with pytest.raises(RuntimeError, match="cannot run"):
+        failing.start()
+    failing.thread.join(5)
+    assert not failing.thread.is_alive()  # the worker stopped: nothing waits on it
