@@ -335,7 +335,7 @@ def table_chunks(path, encoding, size):
                 reader = pandas.read_json(f, lines=True, chunksize=size, dtype=False, encoding=encoding)
             else:
                 reader = pandas.read_csv(f, sep="\t" if suffix == ".tsv" else ",", dtype=str, chunksize=size,
-                                         encoding=encoding)
+                                         encoding=encoding, keep_default_na=False)  # "NA", "null": words, as trained
             with reader:
                 for frame in reader:
                     yield frame, f.tell() / max(path.stat().st_size, 1)

@@ -62,6 +62,29 @@ def test_labels_that_look_like_numbers_are_names_in_every_split(tmp_path, tiny):
     assert load(dataset=str(integers))[1] == ["-1", "2", "10"]  # all integers: sorted as numbers
 
 
+NA_WORDS = ["NA", "null", "None", "nan", "N/A", "#N/A", "NULL", "n/a"]  # what pandas reads as missing by default
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_words_pandas_takes_for_missing_are_texts_and_classes(tmp_path, suffix):
+    """A text "NA" or a class named "None" (intent data has one) is that word: pandas' default NA words made them
+    missing values, so the texts were dropped as empty, the class refused as "no label", and predict.py scored "".
+    An empty cell is still no text and no label."""
+    rows = [(word, ("None", "NA")[i % 2]) for i, word in enumerate(NA_WORDS * 5)] + \
+        relabel(toy_examples(40), ["None", "NA"])
+    sep = "\t" if suffix == ".tsv" else ","
+    path, empty = tmp_path / f"data{suffix}", tmp_path / f"empty{suffix}"
+    path.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{label}\n" for t, label in rows))
+    empty.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{label * (i != 3)}\n" for i, (t, label) in enumerate(rows)))
+    data, names = load(dataset=str(path), val_fraction=0, test_fraction=0.5)
+    assert names == ["NA", "None"]
+    texts = list(data["train"]["text"]) + list(data["test"]["text"])
+    assert len(texts) == len(rows) and sorted(t for t in texts if t in NA_WORDS) == sorted(NA_WORDS * 5)
+    from predict import read_texts
+    assert read_texts(path)[:len(NA_WORDS)] == NA_WORDS
+    load_refused("1 training example\\(s\\) have no label", dataset=str(empty), val_fraction=0, test_fraction=0.5)
+
+
 def test_a_file_replaced_with_the_same_mtime_is_read_again(tmp_path):
     """cp -p, rsync, an unpacked archive: new content, old modification time. The cache follows the content."""
     path = tmp_path / "data.csv"
