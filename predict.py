@@ -71,11 +71,21 @@ def load_classifier(model_dir, device=None):
     if not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
         raise UserError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.txt and the like) next to the "
                         "model; copy them from the checkpoint it was trained from")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report of missing weights: our one line below says it
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+        model, info = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True,
+                                                                         output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # truncated weights, broken config or tokenizer files...: all are about this folder
         raise UserError(f"{folder}: could not load the model ({first_line(e)})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if info["missing_keys"]:  # a pretrained encoder: its classification head would be random, its labels noise
+        missing = sorted(info["missing_keys"])
+        raise UserError(f"{folder} is not a trained classifier: {len(missing)} of its weights are not in the folder "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), so they would be random; "
+                        f"fine-tune it first: python train.py --model {folder} --dataset ...")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 

@@ -71,6 +71,22 @@ def test_not_a_model_folder(tmp_path):
         load_classifier(str(tmp_path))
 
 
+def test_a_pretrained_encoder_without_a_trained_head_is_refused(tiny_model, tmp_path):
+    """The checkpoint a run starts from, given to predict.py, serve.py or export.py by mistake: its head would be
+    random, every label noise (LABEL_1 at 0.50), with exit 0. One line and exit 2, in a real process."""
+    import socket
+    with socket.socket() as s:  # a port free right now: serve.py checks it before it loads the model
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for script in ("predict.py", "serve.py", "export.py"):
+        args = ["some text"] if script == "predict.py" else ["--port", port] if script == "serve.py" else []
+        run = subprocess.run([sys.executable, str(ROOT / script), tiny_model, *args], capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert run.returncode == 2 and run.stdout == "", (script, run.stderr)
+        assert run.stderr.startswith(f"error: {tiny_model} is not a trained classifier: ") and \
+            run.stderr.count("\n") == 1, (script, run.stderr)
+
+
 def test_threshold_is_refused_for_a_single_label_model(trained):
     run = cli(trained, "A wonderful film.", "--threshold", "0.5")
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
