@@ -144,16 +144,28 @@ def reads_pairs(model):
 
 
 def check_inputs(texts, pairs):
-    """A pair model's inputs must be (text, pair) tuples (or lists of two texts), a single-text model's texts."""
+    """A pair model's inputs must be (text, pair) tuples (or lists of two texts), a single-text model's texts; and
+    every text valid Unicode (JSON's "\\ud800" is a lone surrogate, which the tokenizer cannot take)."""
     texts = list(texts)
     if not pairs:
         if any(isinstance(t, tuple) for t in texts):
             raise UserError("this model reads single texts, not (text, pair) tuples: it was trained without pairs")
-        return texts
+        return [valid_unicode(t, i) for i, t in enumerate(texts, 1)]
     for i, t in enumerate(texts, 1):
         if not (isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(part, str) for part in t)):
             raise UserError(f"this model reads text pairs: give (text, pair) tuples, not {t!r} (input {i})")
-    return [tuple(t) for t in texts]
+    return [tuple(valid_unicode(part, i) for part in t) for i, t in enumerate(texts, 1)]
+
+
+def valid_unicode(text, i):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"input {i} is not valid Unicode: {text[e.start]!r} at character {e.start + 1} (a lone "
+                        "surrogate, half of a character)") from None
+    except AttributeError:  # not a text at all
+        raise UserError(f"input {i} is not a text: {text!r}") from None
+    return text
 
 
 def max_tokens(model, tokenizer, max_len=None):

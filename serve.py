@@ -37,7 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from analysis import psi, shares, token_stats
@@ -258,6 +258,9 @@ class Monitor:
 
 
 class PredictRequest(BaseModel):
+    # a misspelled or unknown field (min_confidnce, threshold) refused, not ignored; and no coercion: "2" or true is
+    # not a top_k, true not a min_confidence of 1
+    model_config = ConfigDict(extra="forbid", strict=True)
     inputs: str | list[str | list[str]] = Field(description="a text, a list of texts, or [text, pair] pairs",
                                                 examples=[["A wonderful film.", "Dull and far too long."]])
     top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="keep the k likeliest classes in probs")
@@ -278,6 +281,8 @@ def one_line(exc):
         return f"malformed JSON: {error.get('ctx', {}).get('error', error['msg'])}"
     if where.startswith("inputs"):
         return INPUTS
+    if error["type"] == "extra_forbidden":
+        return f'unknown field "{where}": /predict takes "inputs", "top_k" and "min_confidence"'
     if not where:
         return 'the body must be a JSON object such as {"inputs": "a text"}, sent as application/json'
     return f"{where}: {error['msg']}"

@@ -213,6 +213,12 @@ def test_bad_input_is_a_4xx_with_one_line(trained, pairs):
             (b'{"inputs": "x", "top_k": 0}', 422, "top_k: Input should be greater than or equal to 1"),
             (b'{"inputs": "x", "min_confidence": 1.5}', 422, "min_confidence: Input should be less than"),
             (b'{"inputs": [["a premise", "a hypothesis"]]}', 422, "this model reads single texts"),
+            (b'{"inputs": "x", "min_confidnce": 0.9}', 422, 'unknown field "min_confidnce": /predict takes'),
+            (b'{"inputs": "x", "threshold": 0.1}', 422, 'unknown field "threshold"'),
+            (b'{"inputs": "x", "top_k": "2"}', 422, "top_k: Input should be a valid integer"),
+            (b'{"inputs": "x", "top_k": true}', 422, "top_k: Input should be a valid integer"),
+            (b'{"inputs": "x", "min_confidence": true}', 422, "min_confidence: Input should be a valid number"),
+            (b'{"inputs": ["fine", "\\ud800"]}', 422, "input 2 is not valid Unicode: '\\ud800' at character 1"),
             (json.dumps({"inputs": ["x"] * 5}).encode(), 413, "5 inputs in one request; at most 4 (--max-inputs)"),
             (json.dumps({"inputs": ["x" * 4000]}).encode(), 413, "the request is over 3000 bytes"),
         ]
