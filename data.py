@@ -779,6 +779,34 @@ def describe(data, names, cfg):
     return line
 
 
+def duplicates(data):
+    """How many validation and test texts (or pairs) are also training texts, word for word (spaces aside), and how
+    many distinct training texts are given more than one label: {"validation_in_train", "test_in_train",
+    "conflicting_in_train"} (None for a split the run does not have)."""
+    def key(text):
+        return tuple(" ".join(t.split()) for t in text) if isinstance(text, tuple) else " ".join(text.split())
+    labels = {}
+    for text, label in zip(model_inputs(data["train"]), data["train"]["label"]):
+        labels.setdefault(key(text), set()).add(tuple(label) if isinstance(label, list) else label)
+    found = {f"{split}_in_train": sum(key(t) in labels for t in model_inputs(data[split])) if split in data else None
+             for split in ("validation", "test")}
+    return {**found, "conflicting_in_train": sum(len(given) > 1 for given in labels.values())}
+
+
+def describe_duplicates(found, data):
+    """Warning lines for duplicates(): texts that test the model on what it trained on; texts labelled both ways."""
+    lines, shared = [], [f"{found[f'{s}_in_train']:,} of {len(data[s]):,} {s} texts" for s in ("test", "validation")
+                         if found[f"{s}_in_train"]]
+    if shared:
+        lines.append(f"Warning: {' and '.join(shared)} are also training texts, word for word: the scores count them "
+                     "as new, so they overstate how the model does on texts it has not seen (drop the duplicates from "
+                     "the data, or test on a separate --test-file)")
+    if found["conflicting_in_train"]:
+        lines.append(f"Warning: {found['conflicting_in_train']:,} training texts occur more than once with different "
+                     "labels: at most one label of each can be right (fix or drop them)")
+    return "\n".join(lines)
+
+
 def describe_label_sets(labels, data, names):
     """Multi-label: labels per training text (`labels`, their 0/1 rows), texts without any, and the labels a (random)
     split happens to lack."""

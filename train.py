@@ -51,9 +51,9 @@ import analysis
 import baseline
 import report
 from analysis import classification_metrics, scores  # noqa: F401 -- classification_metrics: train's API as before
-from data import (absolute_paths, check_local_paths, check_tokenizer, class_weights, describe, fingerprint,
-                  is_multi_label, is_pairs, load_data, make_loaders, model_inputs, offline_hint, tokenize,
-                  use_cache_only_if_offline)
+from data import (absolute_paths, check_local_paths, check_tokenizer, class_weights, describe, describe_duplicates,
+                  duplicates, fingerprint, is_multi_label, is_pairs, load_data, make_loaders, model_inputs,
+                  offline_hint, tokenize, use_cache_only_if_offline)
 from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir, discard_earlier_run,
                   drop_checkpoint_weights, epochs_left, failed_run, graceful_stop, load_checkpoint, locked, log_step,
                   model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
@@ -291,6 +291,7 @@ class Run:
     weights: torch.Tensor = None  # --class-weights: the loss's weight per class or label; None: the plain loss
     precision: str = "fp32"
     lengths: dict = None  # the training texts' token lengths (report.length_stats), for lengths.png
+    duplicates: dict = None  # validation and test texts that are also training texts (data.duplicates)
 
 
 def train_epoch(run, batches, bar, on_step=lambda: None):
@@ -455,6 +456,9 @@ def setup(cfg, accelerator, state, out, bf16_speedup=None):
     # training did, keeping the end for --truncation tail (head+tail is predict.py's alone)
     tokenizer.model_max_length = cfg.max_len
     say(describe(data, names, cfg))
+    repeated = duplicates(data)  # test texts seen in training overstate its scores: said here, kept in metrics.json
+    if warning := describe_duplicates(repeated, data):
+        say(warning)
     say(report.describe_lengths(lengths, cfg.truncation))
     precision = accelerator.mixed_precision.replace("no", "fp32")
     attention = choose_attention(cfg.attention, accelerator.device.type, precision)
@@ -479,7 +483,7 @@ def setup(cfg, accelerator, state, out, bf16_speedup=None):
     weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
     return Run(cfg=cfg, accelerator=accelerator, state=state, out=out, model=model, optimizer=optimizer,
                scheduler=scheduler, loaders=loaders, tokenizer=tokenizer, data=data, names=names, weights=weights,
-               precision=precision, lengths=lengths)
+               precision=precision, lengths=lengths, duplicates=repeated)
 
 
 def train(cfg: Config):
@@ -555,6 +559,7 @@ def finish(run, started, val_logits=None, reference=(None, None)):
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
                "baseline": reference[0], "baseline_skipped": reference[1],  # baseline.py: TF-IDF + LR, or why not
+               "duplicates": run.duplicates,  # test (validation) texts also in training; training texts labelled twice
                "config": dataclasses.asdict(absolute_paths(cfg)),  # local data paths absolute: found from anywhere
                "output_dir": str(out), "precision": run.precision,
                "num_processes": accelerator.num_processes,  # global batch = batch_size x processes x grad_accum:

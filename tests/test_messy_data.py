@@ -85,6 +85,29 @@ def test_words_pandas_takes_for_missing_are_texts_and_classes(tmp_path, suffix):
     load_refused("1 training example\\(s\\) have no label", dataset=str(empty), val_fraction=0, test_fraction=0.5)
 
 
+def test_test_texts_seen_in_training_and_texts_labelled_both_ways_are_said_and_kept(tmp_path, tiny, capsys):
+    """The training file given again as --test-file (every test text seen in training: scores that say nothing of new
+    texts), and a text labelled both ways: one warning line each, the counts in metrics.json. Counted apart from
+    data.duplicates: test rows that are training rows, whitespace aside."""
+    rows = toy_examples(80)
+    rows += [(rows[0][0], "pos" if rows[0][1] == "neg" else "neg"), (rows[1][0], rows[1][1])]  # labelled both ways
+    train_csv = write_csv(tmp_path / "train.csv", rows)
+    test_csv = write_csv(tmp_path / "test.csv", [("  " + text.replace(" ", "  "), label) for text, label in rows[:30]]
+                         + toy_examples(10, seed=7, names=("neg", "pos")))
+    unseen = sum(text not in {t for t, _ in rows} for text, _ in toy_examples(10, seed=7))
+    metrics = train(resolve(dataset=str(train_csv), test_file=str(test_csv), val_fraction=0,
+                            output_dir=str(tmp_path / "run"), **tiny))
+    printed = capsys.readouterr().out
+    assert metrics["duplicates"] == {"validation_in_train": None, "test_in_train": 40 - unseen,
+                                     "conflicting_in_train": 1}
+    assert f"Warning: {40 - unseen} of 40 test texts are also training texts, word for word" in printed
+    assert "Warning: 1 training texts occur more than once with different labels" in printed
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["duplicates"] == metrics["duplicates"]
+    clean = train(resolve(dataset=str(write_csv(tmp_path / "clean.csv", toy_examples(80))),
+                          output_dir=str(tmp_path / "clean"), **tiny))
+    assert "are also training texts" not in capsys.readouterr().out or clean["duplicates"]["test_in_train"]
+
+
 def test_a_file_replaced_with_the_same_mtime_is_read_again(tmp_path):
     """cp -p, rsync, an unpacked archive: new content, old modification time. The cache follows the content."""
     path = tmp_path / "data.csv"
