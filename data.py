@@ -102,8 +102,9 @@ def read_error(e, text, fmt):
 def read_file(path, cfg):
     """A local file as a Dataset with the file's own columns. csv/tsv cells are read as strings, all of them: a
     label column that looks like numbers stays names ("1", "2", "other"), the same in every file and every block
-    of a file, whatever pandas would have guessed; a cell "NA", "null" or "None" is that word (an empty cell is ""). Cached by datasets under a name that holds the hash of the
-    file's content: a file replaced by another one with the same modification time is read again."""
+    of a file, whatever pandas would have guessed; a cell "NA", "null" or "None" is that word (an empty cell
+    is ""). Cached by datasets under a name that holds the hash of the file's content: a file replaced by another
+    one with the same modification time is read again."""
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unsupported file type; use .csv, .tsv, .json, .jsonl, .parquet or a folder "
@@ -124,7 +125,7 @@ def read_file(path, cfg):
             header = pandas.read_csv(io.BytesIO(content), nrows=0, sep=options.get("sep", ","),
                                      encoding=cfg.encoding, encoding_errors=cfg.decode_errors).columns
             options["features"] = Features({str(name): Value("string") for name in header})
-            options["keep_default_na"] = False  # a text or a class named NA, null, None or nan is that word, not missing
+            options["keep_default_na"] = False  # a text or class named NA, null, None or nan is that word, not missing
         # the cache follows the content, not the mtime (and "-text": cells read as written, not as pandas' NA words)
         name = f"sha256-{hashlib.sha256(content).hexdigest()[:24]}{'-text' if fmt == 'csv' else ''}"
         return load_dataset(fmt, name=name, data_files=str(path), split="train", **options)

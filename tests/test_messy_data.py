@@ -75,7 +75,8 @@ def test_words_pandas_takes_for_missing_are_texts_and_classes(tmp_path, suffix):
     sep = "\t" if suffix == ".tsv" else ","
     path, empty = tmp_path / f"data{suffix}", tmp_path / f"empty{suffix}"
     path.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{label}\n" for t, label in rows))
-    empty.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{label * (i != 3)}\n" for i, (t, label) in enumerate(rows)))
+    empty.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{label * (i != 3)}\n"  # one label left out
+                                                  for i, (t, label) in enumerate(rows)))
     data, names = load(dataset=str(path), val_fraction=0, test_fraction=0.5)
     assert names == ["NA", "None"]
     texts = list(data["train"]["text"]) + list(data["test"]["text"])
