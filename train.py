@@ -517,6 +517,11 @@ def train(cfg: Config):
         set_seed(cfg.seed)  # the classifier head's init, dropout and the data order all follow from it
         run = setup(cfg, accelerator, state, out, speedup)
         cfg = run.cfg  # settled by the data (multi-label?) and raised to --min-steps
+        trained = state["epoch"] - 1  # whole epochs done (a resumed run's)
+        if trained > cfg.epochs:  # its record (metrics.json, the card) would say "best epoch 4 of 1"
+            raise UserError(f"{out} has trained {trained} epochs, more than --epochs {cfg.epochs}: a resumed run can "
+                            f"go on (--epochs above {trained}), not take epochs back; resume with --epochs {trained} "
+                            "to evaluate it again, or start a new run")
         if state["step"] and epochs_left(state, cfg):
             load_checkpoint(accelerator, out, strict=not cfg.lora_r)  # LoRA: the frozen weights are not in it
             say(f"Resuming {out} at epoch {state['epoch']}, step {state['step']}")

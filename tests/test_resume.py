@@ -107,6 +107,10 @@ def test_resume_refuses_changed_settings_but_allows_more_epochs(tiny_model, toy_
         train(resolve(epochs=2, resume=True, **{**settings, "lr": 1e-2}))
     metrics = train(resolve(epochs=2, resume=True, **settings))
     assert len((tmp_path / "out" / "log.jsonl").read_text().splitlines()) == 2 and metrics["best_epoch"] in (1, 2)
+    record = (tmp_path / "out" / "metrics.json").read_text()
+    with pytest.raises(UserError, match=r"has trained 2 epochs, more than --epochs 1: a resumed run can go on"):
+        train(resolve(epochs=1, resume=True, **settings))  # the record said "best epoch 2 of 1"
+    assert (tmp_path / "out" / "metrics.json").read_text() == record
 
 
 def test_a_finished_run_keeps_of_its_checkpoint_only_the_state_unless_told(tiny_model, toy_csv, tmp_path, capsys):
