@@ -396,8 +396,9 @@ def read_checkpoint_state(out, cfg):
         return new_state(cfg)
     try:
         state = json.loads(state_file.read_text())
+        check_shape(state, new_state(cfg))
         saved_config = state["config"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"the checkpoint in {out} is damaged ({type(e).__name__}: {e}); replace the run with "
                         "--overwrite") from None
     now = dataclasses.asdict(cfg)
@@ -413,6 +414,19 @@ def read_checkpoint_state(out, cfg):
                         f"optimizer state that training on to --epochs {cfg.epochs} needs (unless it ran with "
                         "--keep-checkpoint); start a new run, with --keep-checkpoint to extend it later")
     return state
+
+
+def check_shape(state, start):
+    """A state.json that parses but is not a run's state ([], {"config": 5}, "epoch": "x"): a TypeError saying where,
+    before any of it is used. Each key present must hold what new_state() starts it with: a number for a number
+    (an int for an int), a list, a dict; a None start takes anything."""
+    if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
+        raise TypeError("not a JSON object with a config object")
+    for key, value in state.items():
+        kind = type(start.get(key))
+        if key in start and start[key] is not None and not (isinstance(value, kind) or kind is float and
+                                                             isinstance(value, int)) or isinstance(value, bool):
+            raise TypeError(f'"{key}" holds {value!r}')
 
 
 def epochs_left(state, cfg):

@@ -180,9 +180,17 @@ def test_damaged_checkpoint_is_one_line(quick, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(UserError, match="the checkpoint in .* is damaged"):
         train(resolve(**{**quick, "epochs": 2}, output_dir=str(out), resume=True))
+    state = (out / "checkpoint" / "state.json").read_text()
     (out / "checkpoint" / "state.json").write_text('{"step": ')
     with pytest.raises(UserError, match=r"the checkpoint in .* is damaged \(JSONDecodeError"):
         train(resolve(**{**quick, "epochs": 2}, output_dir=str(out), resume=True))
+    config = json.loads(state)["config"]  # JSON that parses, but not a run's state: was a traceback
+    for shape, said in (([], "not a JSON object"), ({"config": 5}, "not a JSON object"),
+                        ({"config": config, "epoch": "x"}, "\"epoch\" holds 'x'"),
+                        ({"config": config, "log": {}}, "\"log\" holds {}")):
+        (out / "checkpoint" / "state.json").write_text(json.dumps(shape))
+        with pytest.raises(UserError, match=rf"the checkpoint in .* is damaged \(TypeError: {said}"):
+            train(resolve(**{**quick, "epochs": 2}, output_dir=str(out), resume=True))
 
 
 def test_resume_on_changed_data_is_refused(quick, tmp_path):
