@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from config import Config, OneLineParser, UserError
-from data import is_local, load_data, model_inputs
+from data import fingerprint, is_local, load_data, model_inputs, subsample
 from predict import (first_line, label_threshold, load_classifier, max_tokens, predict_logits, read_texts,
                      reads_pairs, torch_forward)
 
@@ -94,8 +94,7 @@ def real_inputs(model_dir, file, samples, pairs=False):
     if not metrics_file.is_file():
         raise UserError(f"no {metrics_file} to find the test split: pass --file with texts to check on")
     try:
-        config = json.loads(metrics_file.read_text())["config"]
-        cfg = Config(**{**config, "eval_samples": min(samples, config["eval_samples"] or samples)})
+        cfg = Config(**json.loads(metrics_file.read_text())["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{metrics_file}: not a metrics.json that train.py wrote ({first_line(e)}); pass --file "
                         "with texts to check on") from None
@@ -103,7 +102,14 @@ def real_inputs(model_dir, file, samples, pairs=False):
         if path and is_local(path) and not Path(path).expanduser().exists():
             raise UserError(f"{metrics_file}: the run's {flag} {path} is not found from {Path.cwd()} (a path "
                             "relative to where the run was started); run export.py from there, or pass --file")
-    test = load_data(cfg)[0]["test"]
+    data, names = load_data(cfg)
+    state_file = metrics_file.parent / "checkpoint" / "state.json"  # what the run trained and tested on, hashed
+    saved = json.loads(state_file.read_text()).get("fingerprints", {}).get("data") if state_file.is_file() else None
+    if saved is not None and saved != fingerprint(data, names):  # else the check would score the model on other labels
+        raise UserError(f"the run's data ({cfg.dataset}{f', --test-file {cfg.test_file}' if cfg.test_file else ''}) "
+                        "changed since it trained: its test split is not the one the run was scored on; pass --file "
+                        "with texts to check on")
+    test = subsample(data["test"], samples, cfg.seed, "test")
     return list(model_inputs(test)), list(test["label"]), cfg.max_len
 
 

@@ -154,6 +154,29 @@ def test_export_names_a_relative_data_path_it_cannot_find(tail_run, tmp_path):
     assert not (tmp_path / "onnx").exists()
 
 
+def test_export_refuses_a_test_file_changed_since_the_run(tail_run, data_folder, tmp_path):
+    """The run's test file relabelled after it trained: export.py scored the model on the new labels (accuracy 0)
+    and called it the run's test split. The data's fingerprint in checkpoint/state.json tells, as --resume's does."""
+    import shutil
+    import export
+    from test_predict import refused
+    run = shutil.copytree(tail_run[1], tmp_path / "run")
+    for name in ("train.csv", "test.csv"):
+        shutil.copy(data_folder / name, tmp_path / name)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["config"].update(dataset=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"))
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    code, _, stderr = run_main(export, run / "best", "--output-dir", tmp_path / "same", "--samples", "20")
+    assert code == 0, stderr  # the same content elsewhere: the same data
+    assert json.loads((tmp_path / "same" / "report.json").read_text())["n"] == 20
+    test = (tmp_path / "test.csv").read_text()
+    (tmp_path / "test.csv").write_text(test.replace(",pos\n", ",tmp\n").replace(",neg\n", ",pos\n")
+                                       .replace(",tmp\n", ",neg\n"))
+    refused(run_main(export, run / "best", "--output-dir", tmp_path / "onnx"),
+            f"the run's data ({tmp_path / 'train.csv'}, --test-file {tmp_path / 'test.csv'}) changed since it trained")
+    assert not (tmp_path / "onnx").exists()
+
+
 # ---- temperature scaling: fitted only where the validation split supports it
 
 def overconfident(n, seed=0, wrong=0.2, scale=5.0):
