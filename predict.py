@@ -185,12 +185,20 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     probabilities are softmax(logits / T), T the model's calibration temperature. A text whose top probability is
     below `min_confidence` gets "label": None (abstained); its score and probs are given all the same. A model
     trained on text pairs takes (text, pair) tuples, and its results have "text_pair" after "text".
-    Multi-label models: sigmoid probabilities, and "labels": those at `threshold` or above (default: the model's)."""
-    if max_len is not None and max_len < 1:
-        raise UserError(f"max_len must be at least 1, not {max_len}")
+    Multi-label models: sigmoid probabilities, and "labels": those at `threshold` or above (default: the model's).
+    One text alone (a string, or a pair's tuple) is a list of one, as a pipeline takes it."""
+    for name, value in (("max_len", max_len), ("top_k", top_k), ("batch_size", batch_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{name} must be an integer of at least 1, not {value!r}")
+    if texts is None:
+        raise UserError("texts must be a list of texts (or of (text, pair) tuples), not None")
     model, tokenizer = load_classifier(str(model_dir))
     check_options(model, tokenizer, max_len, min_confidence, threshold)
-    texts = check_inputs(texts, reads_pairs(model))
+    pairs = reads_pairs(model)
+    if isinstance(texts, str) or pairs and isinstance(texts, tuple) and len(texts) == 2 and \
+            all(isinstance(part, str) for part in texts):
+        texts = [texts]  # not its characters, one result each (nor a pair's two texts as two inputs)
+    texts = check_inputs(texts, pairs)
     if not texts:
         return []
     logits = predict_logits(texts, tokenizer, torch_forward(model), batch_size, max_tokens(model, tokenizer, max_len),

@@ -38,6 +38,21 @@ def test_predict_function(trained):
         assert r["score"] == max(r["probs"].values()) and r["probs"][r["label"]] == r["score"]
 
 
+def test_predict_function_takes_one_text_and_refuses_bad_values(trained):
+    """A bare string was read as its characters (9 results for "great fun"); top_k 0 gave empty probs, -1 dropped a
+    class, batch_size 0 and max_len 2.5 were raw exceptions. One text is a list of one, as a pipeline takes it."""
+    from predict import predict
+    assert predict("a wonderful and brilliant film", trained) == predict(["a wonderful and brilliant film"], trained)
+    assert len(predict("great fun", trained)) == 1
+    for bad, said in ((dict(top_k=0), "top_k must be an integer of at least 1, not 0"),
+                      (dict(top_k=-1), "top_k must be"), (dict(batch_size=0), "batch_size must be"),
+                      (dict(max_len=2.5), "max_len must be an integer of at least 1, not 2.5"),
+                      (dict(texts=None), "texts must be a list of texts")):
+        with pytest.raises(UserError, match=said):
+            predict(**{"texts": ["a film"], "model_dir": trained, **bad})
+    assert predict((t for t in ["good", "bad"]), trained)[1]["text"] == "bad"  # any iterable of texts
+
+
 def test_sorted_batches_give_the_same_predictions_as_one_by_one(trained):
     from predict import predict
     texts = ["good", "a really very boring and dull and awful plot of the film", "fun", "the cast was superb and it"]
