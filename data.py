@@ -244,7 +244,10 @@ def find_text_columns(ds, text_column=None, pair_column=None, need_pair=None):
         return find_column(ds, text_column, TEXT_COLUMNS, "text"), None
     pair = find_column(ds, pair_column, (), "text pair")
     partner = tuple(first for first, second in PAIR_COLUMNS if second == pair.lower())
-    return find_column(ds, text_column, partner + TEXT_COLUMNS + tuple(f for f, _ in PAIR_COLUMNS), "text"), pair
+    text = find_column(ds, text_column, partner + TEXT_COLUMNS + tuple(f for f, _ in PAIR_COLUMNS), "text")
+    if text == pair:  # a text paired with itself (train.py, and predict.py reading a file)
+        raise UserError(f"--text-pair-column '{pair}' is the text column too; the pair is a second text column")
+    return text, pair
 
 
 # Feature types of columns that are not plain values, as far as this version of datasets has them (Json: 5.0)
@@ -327,9 +330,8 @@ def standardize(ds, cfg, split, problem=None, pairs=False):
     if text_col == label_col:
         raise UserError(f"the text and the label column are the same column '{text_col}'; name the other one with "
                         f"--{'label' if cfg.text_column else 'text'}-column")
-    if pair_col in (text_col, label_col):
-        raise UserError(f"--text-pair-column '{pair_col}' is the {'text' if pair_col == text_col else 'label'} "
-                        "column too; the pair is a second text column")
+    if pair_col == label_col:
+        raise UserError(f"--text-pair-column '{pair_col}' is the label column too; the pair is a second text column")
     if len(ds) == 0:
         raise UserError(f"the {split} split has no examples")
     kinds = [text_column_values(ds, text_col), label_column_values(ds, label_col)]

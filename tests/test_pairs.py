@@ -194,6 +194,9 @@ def test_predict_refuses_what_a_pair_model_cannot_read(pair_run, encoder, tmp_pa
             "text pair column 'other' not found; the columns are: text, label")
     refused(run_main(predict, encoder, "--text-pair-column", "b", "a great film"),
             "--text-pair-column: this model reads single texts")
+    (tmp_path / "pairs.csv").write_text("premise,hypothesis\na great film,a fine film\n")  # was: each text with itself
+    refused(run_main(predict, best, "--file", tmp_path / "pairs.csv", "--text-pair-column", "premise"),
+            "--text-pair-column 'premise' is the text column too; the pair is a second text column")
     with pytest.raises(UserError, match="this model reads text pairs: give \\(text, pair\\) tuples, not 'good'"):
         predict.predict(["good"], best)
     with pytest.raises(UserError, match="this model reads single texts, not \\(text, pair\\) tuples"):
