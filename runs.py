@@ -132,6 +132,19 @@ def holds_run(out):
     return any((out / name).exists() for name in ("checkpoint", "checkpoint.old", "best", "metrics.json"))
 
 
+def check_apart_from_model(cfg):
+    """--output-dir must not be the --model folder, inside it or around it (checked before the folder is made): the
+    run's files would change the model's own folder, and with it the hash every run trained from it resumes by."""
+    model, out = Path(cfg.model).expanduser(), cfg.output_dir
+    if out is None or not model.is_dir():
+        return
+    model, where = model.resolve(), Path(out).expanduser().resolve()
+    if where == model or model in where.parents or where in model.parents:
+        raise UserError(f"--output-dir {out} and --model {cfg.model} overlap (the same folder, or one inside the "
+                        "other): a run would write into the model's folder, or replace the model it trains from; "
+                        "choose another --output-dir")
+
+
 def check_output_dir(out, cfg):
     """Refuse to touch a run in `out` unless told what to do with it (before anything heavy loads)."""
     if not (cfg.overwrite or cfg.resume) and holds_run(out):

@@ -54,11 +54,11 @@ from analysis import classification_metrics, scores  # noqa: F401 -- classificat
 from data import (absolute_paths, check_local_paths, check_tokenizer, class_weights, describe, describe_duplicates,
                   duplicates, fingerprint, is_multi_label, is_pairs, load_data, make_loaders, model_inputs,
                   offline_hint, tokenize, use_cache_only_if_offline)
-from runs import (append_to_log, check_output_dir, check_same_inputs, choose_output_dir, discard_earlier_run,
-                  drop_checkpoint_weights, epochs_left, failed_run, graceful_stop, load_checkpoint, locked, log_step,
-                  model_fingerprint, new_state, open_output_dir, read_checkpoint_state, save_checkpoint, save_findings,
-                  save_model, save_only_trainable_weights, say, say_if_launched_as_one, start_tracker,
-                  stop_on_signals, write_json)
+from runs import (append_to_log, check_apart_from_model, check_output_dir, check_same_inputs, choose_output_dir,
+                  discard_earlier_run, drop_checkpoint_weights, epochs_left, failed_run, graceful_stop,
+                  load_checkpoint, locked, log_step, model_fingerprint, new_state, open_output_dir,
+                  read_checkpoint_state, save_checkpoint, save_findings, save_model, save_only_trainable_weights, say,
+                  say_if_launched_as_one, start_tracker, stop_on_signals, write_json)
 
 # Our own bars and lines are the output; the libraries' progress bars for caching and saving are noise.
 datasets.disable_progress_bars()
@@ -499,6 +499,7 @@ def train(cfg: Config):
     check_local_paths(cfg)  # a mistyped --dataset is told at once, not after the model's checks
     AcceleratorState._reset_state()  # accelerate keeps its settings per process: a notebook's next run may differ
     PartialState(cpu=several_cpu_processes)  # the processes meet first: they must agree on the output folder
+    check_apart_from_model(cfg)  # before choose_output_dir makes the folder
     out = choose_output_dir(cfg)
     with locked(out), stop_on_signals(out, cfg):
         check_output_dir(out, cfg)

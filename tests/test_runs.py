@@ -114,6 +114,18 @@ def test_output_dir_that_is_a_file_is_refused_before_anything_loads(quick, tmp_p
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_output_dir_overlapping_the_model_folder_is_refused_before_anything_is_written(quick, tmp_path):
+    """--output-dir = --model (or one inside the other): the run wrote into the base model's folder, whose hash every
+    run trained from it resumes by; refused before even the lock file goes in."""
+    import shutil
+    model = shutil.copytree(quick["model"], tmp_path / "model")
+    files = sorted(p.name for p in model.rglob("*"))
+    for out in (model, model / "run", tmp_path):
+        with pytest.raises(UserError, match=r"--output-dir .* and --model .* overlap"):
+            train(resolve(**{**quick, "model": str(model)}, output_dir=str(out), overwrite=True))
+    assert sorted(p.name for p in model.rglob("*")) == files
+
+
 def test_overwrite_that_fails_restores_the_earlier_run(quick, tmp_path):
     out = tmp_path / "out"
     train(resolve(**quick, output_dir=str(out)))
