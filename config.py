@@ -126,11 +126,27 @@ PRESETS = {
 }
 
 
+KIND_NAMES = {int: "an integer", float: "a number", str: "a text", bool: "True or False", type(None): "None"}
+
+
+def check_types(cfg):
+    """Each field of the kind its annotation says (what a notebook's train(Config(...)) may get wrong; the command line
+    parses its own): an int for an int (not 2.5, nor True), a number for a float, a text for a str; None where allowed."""
+    for field in fields(cfg):
+        value, kinds = getattr(cfg, field.name), getattr(field.type, "__args__", (field.type,))
+        if not any(value is None if kind is type(None) else isinstance(value, kind) and
+                   (kind is bool or not isinstance(value, bool)) or kind is float and type(value) is int
+                   for kind in kinds):
+            raise UserError(f"--{field.name.replace('_', '-')} must be {' or '.join(KIND_NAMES[k] for k in kinds)}, "
+                            f"not {value!r}")
+
+
 def validate(cfg):
     """Refuse bad values before anything heavy loads. Checks that need the model live in train.py."""
     def need(ok, message):
         if not ok:
             raise UserError(message)
+    check_types(cfg)
     need(cfg.preset in PRESETS, f"unknown preset '{cfg.preset}'; choose one of: {', '.join(PRESETS)}")
     for name, allowed in CHOICES.items():
         value = getattr(cfg, name)
@@ -262,6 +278,7 @@ def resolve(preset="imdb", **overrides):
         raise UserError(f"unknown preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     values = {name: value() if callable(value) else value for name, value in PRESETS[preset].items()}
     values = {**values, **overrides, "preset": preset}
+    values = {name: os.fspath(v) if isinstance(v, os.PathLike) else v for name, v in values.items()}  # Path -> str
     if values.get("lora_r") and "lr" not in overrides and values.get("lr"):  # the preset's lr, as suits LoRA
         values["lr"] = LORA_LR_FACTOR * values["lr"]  # (no lr at all: train.default_lr applies the factor)
     return validate(Config(**values))

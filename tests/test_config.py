@@ -67,6 +67,23 @@ def test_resolve_for_notebooks():
     assert isinstance(cfg, Config) and cfg.epochs == 1 and cfg.dataset_config == "sst2"
 
 
+@pytest.mark.parametrize("given, message", [
+    (dict(epochs=2.5), "--epochs must be an integer, not 2.5"), (dict(epochs=float("inf")), "--epochs must be an "),
+    (dict(max_len=True), "--max-len must be an integer, not True"), (dict(seed=1.5), "--seed must be an integer"),
+    (dict(lr="3e-3"), "--lr must be a number or None, not '3e-3'"), (dict(dataset=123), "--dataset must be a text"),
+    (dict(model=None), "--model must be a text, not None"), (dict(label_sep=5), "--label-sep must be a text or None"),
+    (dict(train_samples=10.5), "--train-samples must be an integer or None, not 10.5"),
+    (dict(compile="yes"), "--compile must be True or False, not 'yes'")])
+def test_a_notebooks_values_of_the_wrong_kind_are_one_line(given, message):
+    """resolve() from a notebook: a TypeError or OverflowError deep in the run, or a misleading "too few examples"
+    (train_samples 10.5), before; now one line naming the field. A path is a text, and an int a number."""
+    with pytest.raises(UserError, match=f"^{message}"):
+        resolve(**given)
+    import pathlib
+    cfg = resolve(dataset=pathlib.Path("my.csv"), lr=1, val_fraction=0)
+    assert cfg.dataset == "my.csv" and cfg.lr == 1
+
+
 def test_cli_refusal_is_one_line_and_exit_2():
     """A bad flag fails fast: exit 2, one line on stderr, no traceback, no usage dump."""
     run = subprocess.run([sys.executable, "train.py", "--lr", "-3"], cwd=ROOT, capture_output=True, text=True)
