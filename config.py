@@ -130,8 +130,9 @@ KIND_NAMES = {int: "an integer", float: "a number", str: "a text", bool: "True o
 
 
 def check_types(cfg):
-    """Each field of the kind its annotation says (what a notebook's train(Config(...)) may get wrong; the command line
-    parses its own): an int for an int (not 2.5, nor True), a number for a float, a text for a str; None where allowed."""
+    """Each field of the kind its annotation says (what a notebook's resolve(...) may get wrong; the command line
+    parses its own): an int for an int (not 2.5, nor True), a number for a float, a text for a str; None where
+    allowed."""
     for field in fields(cfg):
         value, kinds = getattr(cfg, field.name), getattr(field.type, "__args__", (field.type,))
         if not any(value is None if kind is type(None) else isinstance(value, kind) and
