@@ -156,7 +156,8 @@ def compare(model_dir, out, texts, labels, max_len, benchmark):
               for name, f in forwards.items()}
     reference = decisions(logits["pytorch"], model)
     same = lambda a, b: float((a == b).reshape(len(texts), -1).all(1).float().mean())  # noqa: E731 -- the whole set
-    report = {"n": len(texts), "max_len": max_len, "truncation": truncation,
+    report = {"model_dir": str(Path(model_dir).resolve()), "n": len(texts), "max_len": max_len,
+              "truncation": truncation,
               "files": {"onnx": str(fp32), "onnx_int8": str(int8)},  # + .data beside each, unless "one_file"
               "one_file": one_file}
     for name, values in logits.items():
@@ -191,10 +192,18 @@ def print_files(report, model_dir, out):
           f"(truncation {report['truncation']}), as predict.py does")
 
 
-def check_output_dir(out):
-    """--output-dir must be a folder or a path one can create: checked before any work."""
+def check_output_dir(out, model_dir):
+    """--output-dir must be a folder or a path one can create, and not hold another model's export (its model.onnx
+    would be replaced by this one's under that model's name): checked before any work."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file, not a folder")
+    try:
+        exported = json.loads((out / "report.json").read_text()).get("model_dir")
+    except (OSError, ValueError, AttributeError):
+        exported = None  # no export here (or one from before report.json named its model)
+    if exported is not None and Path(exported) != Path(model_dir).resolve():
+        raise UserError(f"--output-dir {out} holds the export of another model ({exported}); choose another "
+                        "--output-dir, or remove that one first")
     parent = out
     while not parent.exists():  # the nearest part that exists must be a folder
         parent = parent.parent
@@ -214,7 +223,7 @@ def main(argv=None):
         if args.samples < 1:
             parser.error(f"--samples must be at least 1, not {args.samples}")
         out = Path(args.output_dir or Path(args.model_dir) / "onnx")
-        check_output_dir(out)
+        check_output_dir(out, args.model_dir)
         need_onnx()
         model, _ = load_classifier(str(args.model_dir), "cpu")  # a model folder that loads, before anything is written
         texts, labels, max_len = real_inputs(args.model_dir, args.file, args.samples, reads_pairs(model))

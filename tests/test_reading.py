@@ -169,6 +169,11 @@ def test_export_refuses_a_test_file_changed_since_the_run(tail_run, data_folder,
     code, _, stderr = run_main(export, run / "best", "--output-dir", tmp_path / "same", "--samples", "20")
     assert code == 0, stderr  # the same content elsewhere: the same data
     assert json.loads((tmp_path / "same" / "report.json").read_text())["n"] == 20
+    other = shutil.copytree(run, tmp_path / "other-run")  # another model's export is not replaced under its name
+    refused(run_main(export, other / "best", "--output-dir", tmp_path / "same"),
+            f"--output-dir {tmp_path / 'same'} holds the export of another model ({(run / 'best').resolve()})")
+    code, _, stderr = run_main(export, run / "best", "--output-dir", tmp_path / "same", "--samples", "10")
+    assert code == 0, stderr  # its own: exported again
     test = (tmp_path / "test.csv").read_text()
     (tmp_path / "test.csv").write_text(test.replace(",pos\n", ",tmp\n").replace(",neg\n", ",pos\n")
                                        .replace(",tmp\n", ",neg\n"))
