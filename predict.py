@@ -399,8 +399,9 @@ def write_results(results, output, fmt, names, header=True):
     writer = csv.writer(output)
     given = ["text", "text_pair"] if results and "text_pair" in results[0] else ["text"]
     sets = any("labels" in r for r in results)  # multi-label: a labels column too, the names joined by ";"
-    if header:
-        writer.writerow([*given, "label", *["labels"] * sets, "score", *names])
+    fixed = [*given, "label", *["labels"] * sets, "score"]
+    if header:  # a class named like a fixed column (label, score): every class column is then p_NAME, never twice
+        writer.writerow(fixed + [f"p_{n}" if set(names) & set(fixed) else n for n in names])
     for r in results:
         writer.writerow([*(r[key] for key in given), r["label"], *[";".join(r.get("labels", []))] * sets,
                          f"{r['score']:.6f}",

@@ -53,6 +53,19 @@ def test_predict_function_takes_one_text_and_refuses_bad_values(trained):
     assert predict((t for t in ["good", "bad"]), trained)[1]["text"] == "bad"  # any iterable of texts
 
 
+def test_csv_class_columns_never_repeat_a_fixed_column():
+    """A class named label or score gave the header text,label,score,label,score (pandas: label.1): p_NAME then."""
+    import pandas
+    from predict import write_results
+    row = {"text": "x", "label": "score", "score": 0.9, "probs": {"score": 0.9, "label": 0.1}}
+    for names, header in ((["label", "score"], ["text", "label", "score", "p_label", "p_score"]),
+                          (["neg", "pos"], ["text", "label", "score", "neg", "pos"])):
+        out = io.StringIO()
+        write_results([{**row, "probs": dict(zip(names, (0.1, 0.9)))}], out, "csv", names)
+        table = pandas.read_csv(io.StringIO(out.getvalue()), keep_default_na=False)
+        assert list(table.columns) == header and table.iloc[0, 3:].tolist() == [0.1, 0.9]
+
+
 def test_sorted_batches_give_the_same_predictions_as_one_by_one(trained):
     from predict import predict
     texts = ["good", "a really very boring and dull and awful plot of the film", "fun", "the cast was superb and it"]
