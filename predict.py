@@ -365,7 +365,8 @@ def table_chunks(path, encoding, size):
                 reader = pandas.read_json(f, lines=True, chunksize=size, dtype=False, encoding=encoding)
             else:
                 reader = pandas.read_csv(f, sep="\t" if suffix == ".tsv" else ",", dtype=str, chunksize=size,
-                                         encoding=encoding, keep_default_na=False)  # "NA", "null": words, as trained
+                                         encoding=encoding, keep_default_na=False,  # "NA", "null": words, as trained
+                                         skip_blank_lines=False)  # a blank line is an empty text: one row, as in .txt
             with reader:
                 for frame in reader:
                     yield frame, f.tell() / max(path.stat().st_size, 1)

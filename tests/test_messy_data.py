@@ -83,6 +83,9 @@ def test_words_pandas_takes_for_missing_are_texts_and_classes(tmp_path, suffix):
     assert len(texts) == len(rows) and sorted(t for t in texts if t in NA_WORDS) == sorted(NA_WORDS * 5)
     from predict import read_texts
     assert read_texts(path)[:len(NA_WORDS)] == NA_WORDS
+    one_column = tmp_path / f"one{suffix}"
+    one_column.write_text("text\nNA\n\nfine\n")  # a blank line was dropped: 3 rows in, 2 out, the rows shifted
+    assert read_texts(one_column) == ["NA", "", "fine"]
     load_refused("1 training example\\(s\\) have no label", dataset=str(empty), val_fraction=0, test_fraction=0.5)
 
 
