@@ -129,15 +129,20 @@ PRESETS = {
 KIND_NAMES = {int: "an integer", float: "a number", str: "a text", bool: "True or False", type(None): "None"}
 
 
+def of_kind(value, kind):
+    """Whether value is a `kind` as a setting means it: an int for an int (not 2.5, nor True), a number for a float
+    (an int too), True or False for a bool, None for NoneType."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
 def check_types(cfg):
-    """Each field of the kind its annotation says (what a notebook's resolve(...) may get wrong; the command line
-    parses its own): an int for an int (not 2.5, nor True), a number for a float, a text for a str; None where
-    allowed."""
+    """Each field of the kind its annotation says (of_kind; None where allowed): what a notebook's resolve(...) may
+    get wrong, while the command line parses its own."""
     for field in fields(cfg):
         value, kinds = getattr(cfg, field.name), getattr(field.type, "__args__", (field.type,))
-        if not any(value is None if kind is type(None) else isinstance(value, kind) and
-                   (kind is bool or not isinstance(value, bool)) or kind is float and type(value) is int
-                   for kind in kinds):
+        if not any(of_kind(value, kind) for kind in kinds):
             raise UserError(f"--{field.name.replace('_', '-')} must be {' or '.join(KIND_NAMES[k] for k in kinds)}, "
                             f"not {value!r}")
 

@@ -43,7 +43,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from config import OneLineParser, UserError, resolve
+from config import OneLineParser, UserError, of_kind, resolve
 from data import FILE_FORMATS, TEXT_COLUMNS, encode, find_column, find_text_columns, read_file
 from runs import json_line
 
@@ -188,7 +188,7 @@ def predict(texts, model_dir, batch_size=64, max_len=None, top_k=None, progress=
     Multi-label models: sigmoid probabilities, and "labels": those at `threshold` or above (default: the model's).
     One text alone (a string, or a pair's tuple) is a list of one, as a pipeline takes it."""
     for name, value in (("max_len", max_len), ("top_k", top_k), ("batch_size", batch_size)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (not of_kind(value, int) or value < 1):
             raise UserError(f"{name} must be an integer of at least 1, not {value!r}")
     if texts is None:
         raise UserError("texts must be a list of texts (or of (text, pair) tuples), not None")

@@ -21,7 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from peft import PeftModel
 
-from config import UserError, resolve
+from config import UserError, of_kind, resolve
 
 OUTPUTS = ("best", "metrics.json", "log.jsonl", "checkpoint", "curves.png", "confusion.png", "lengths.png",
            "tensorboard", "errors.jsonl", "suspect_labels.jsonl", "calibration.png", "per_label.png")  # what a run writes
@@ -431,14 +431,12 @@ def read_checkpoint_state(out, cfg):
 
 def check_shape(state, start):
     """A state.json that parses but is not a run's state ([], {"config": 5}, "epoch": "x"): a TypeError saying where,
-    before any of it is used. Each key present must hold what new_state() starts it with: a number for a number
-    (an int for an int), a list, a dict; a None start takes anything."""
+    before any of it is used. Each key present must hold the kind new_state() starts it with (config.of_kind: an int
+    for an int, a number for a float, a list, a dict); a None start takes anything."""
     if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
         raise TypeError("not a JSON object with a config object")
     for key, value in state.items():
-        kind = type(start.get(key))
-        if key in start and start[key] is not None and not (isinstance(value, kind) or kind is float and
-                                                             isinstance(value, int)) or isinstance(value, bool):
+        if start.get(key) is not None and not of_kind(value, type(start[key])):
             raise TypeError(f'"{key}" holds {value!r}')
 
 
