@@ -36,11 +36,14 @@ def describe_lengths(stats, truncation="head"):
             f"{stats['truncated']:.0%} cut at --max-len {stats['max_len']}")
     if stats["truncated"] > 0.25:
         suggestion = min(512, int(stats["p90"]) // 32 * 32 + 32)  # 512: the limit of most BERT-like models
-        kept = np.mean(np.array(stats["lengths"]) <= suggestion)
-        line += (f"\nMore than a quarter of the texts are cut: --max-len {suggestion} would keep {kept:.0%} of them "
-                 f"whole (at about {suggestion / stats['max_len']:.1f}x the cost per example), if the model allows it")
+        if suggestion > stats["max_len"]:  # never a "longer" length that is the one in use, or shorter
+            kept = np.mean(np.array(stats["lengths"]) <= suggestion)
+            line += (f"\nMore than a quarter of the texts are cut: --max-len {suggestion} would keep {kept:.0%} of "
+                     f"them whole (at about {suggestion / stats['max_len']:.1f}x the cost per example), if the model "
+                     "allows it")
         if truncation != "head+tail" and not stats["pairs"]:  # a pair is cut longest_first, never head+tail
-            line += "\nOr keep the start and the end of each text, at the same cost: --truncation head+tail"
+            line += ("\nOr keep" if suggestion > stats["max_len"] else "\nMore than a quarter of the texts are cut: "
+                     "keep") + " the start and the end of each text, at the same cost: --truncation head+tail"
     return line
 
 
@@ -73,9 +76,10 @@ def metric_name(metrics, key):
     return "exact match" if key == "accuracy" and "exact_match" in metrics["test"] else METRIC_NAMES[key]
 
 
-def beside_baseline(metrics):
+def beside_baseline(metrics, lengths=None, positions=None):
     """The model's test score on its metric for best beside the baseline's (baseline.py), or why there is none;
-    a plain warning, with what to try, when the model does not beat it."""
+    a plain warning, with what to try, when the model does not beat it: a longer --max-len only where `lengths`
+    (length_stats) says texts were cut and the model reads more than max_len (`positions`, None: unknown)."""
     reference, key, cfg = metrics["baseline"], metrics["config"]["metric_for_best"], metrics["config"]
     if reference is None:
         if metrics["baseline_skipped"] != "--no-baseline":
@@ -88,7 +92,9 @@ def beside_baseline(metrics):
     if model <= base:
         say(f"Warning: the model does not beat the {reference['model']} baseline on test {name} ({model:.4f} vs "
             f"{base:.4f}). Try more epochs (--epochs {2 * cfg['epochs']} --patience 2), a higher --lr (now "
-            f"{cfg['lr']:g}), a longer --max-len (now {cfg['max_len']})", file=sys.stderr)
+            f"{cfg['lr']:g})" + (f", a longer --max-len (now {cfg['max_len']}, which cuts {lengths['truncated']:.0%} "
+                                 "of the training texts)" if lengths and lengths["truncated"] > 0
+                                 and (positions or float("inf")) > cfg["max_len"] else ""), file=sys.stderr)
 
 
 def describe_quality(metrics, n_train):

@@ -592,7 +592,8 @@ def finish(run, started, val_logits=None, reference=(None, None)):
     report.optional_output(f"the {cfg.report_to} log", accelerator.end_training)
     say(report.describe_quality(metrics, sizes["train"]))
     say(f"Test {report.headline(test)} · n={test['n']:,} (best epoch {state['best_epoch']})")
-    report.beside_baseline(metrics)  # the model's metric for best beside the baseline's; a warning when not ahead
+    report.beside_baseline(metrics, run.lengths,  # the model beside the baseline; a warning when not ahead
+                           getattr(best_model.config, "max_position_embeddings", None))
     say(f"Model saved to {out / 'best'} — use it with: "
         f"pipeline('text-classification', model='{out / 'best'}'{', top_k=None' * (cfg.problem == 'multi_label')})")
     return metrics

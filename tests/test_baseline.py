@@ -130,3 +130,17 @@ def test_the_closing_line_puts_the_model_beside_its_baseline(model, line, capsys
     captured = capsys.readouterr()
     assert line in captured.out
     assert ("does not beat" in captured.err) == (model <= 0.75)  # a tie does not beat it either
+
+
+@pytest.mark.parametrize("cut, positions, advised", [(0.35, 512, True), (0.35, 128, False), (0.0, 512, False),
+                                                     (0.35, None, True)])
+def test_a_longer_max_len_is_advised_only_where_it_would_read_more(cut, positions, advised, capsys):
+    """Not when no training text is cut, nor when the model reads no further than --max-len already does."""
+    import report
+    metrics = {"baseline": {"accuracy": 0.75, "model": "TF-IDF + logistic regression"}, "baseline_skipped": None,
+               "config": {"metric_for_best": "accuracy", "epochs": 1, "lr": 1e-4, "max_len": 128},
+               "test": {"accuracy": 0.70}}
+    report.beside_baseline(metrics, {"truncated": cut}, positions)
+    err = capsys.readouterr().err
+    assert "a higher --lr (now 0.0001)" in err
+    assert ("a longer --max-len (now 128, which cuts 35% of the training texts)" in err) == advised

@@ -83,6 +83,11 @@ def test_length_statistics_on_a_hand_made_example(tiny_model):
     assert stats["p90"] == pytest.approx(11.1) and stats["truncated"] == pytest.approx(0.4)  # 9, 10, 11, 12 tokens
     assert "40% cut at --max-len 8" in describe_lengths(stats) and "More than a quarter" in describe_lengths(stats)
     assert "More than a quarter" not in describe_lengths(length_stats(texts, tokenizer, max_len=11))
+    # At the longest length worth suggesting, or beyond it, no "longer" --max-len: it would be the one in use
+    stats = dict(stats, p90=500.0, max_len=512)
+    assert "--max-len 512 would keep" not in describe_lengths(stats)
+    assert "cut: keep the start and the end" in describe_lengths(stats)
+    assert "More than a quarter" not in describe_lengths(stats, truncation="head+tail")
 
 
 def test_missing_tracker_package_is_refused_up_front(monkeypatch):
