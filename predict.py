@@ -475,7 +475,7 @@ def score(chunks, args, model, out, rank=0, processes=1):
     share of the file read."""
     top_k = args.top_k if args.format == "jsonl" else None  # a csv row carries every class's probability
     names = list(model.config.id2label.values())  # csv columns: the model's order
-    seen, sizes = 0, []
+    seen, sizes, empty = 0, [], 0
     with tqdm(unit=" texts", desc="predicting", delay=1, disable=rank != 0, file=sys.stderr) as bar:
         for i, (texts, share) in enumerate(chunks):
             if i % processes == rank:
@@ -485,8 +485,12 @@ def score(chunks, args, model, out, rank=0, processes=1):
                 write_results(results, rows, args.format, names, header=i == 0)
                 sizes.append(out(rows.getvalue()))
             seen += len(texts)
+            empty += sum(not all(part.strip() for part in (t if isinstance(t, tuple) else (t,))) for t in texts)
             bar.total = round(seen / share) if share else None
             bar.update(len(texts))
+    if empty and rank == 0:  # training drops such texts; here each keeps its row, so say how many there were
+        print(f"Note: {empty:,} of {seen:,} texts are empty{' (or have an empty pair)' if reads_pairs(model) else ''}: "
+              "each is scored all the same, with what the model guesses of no text", file=sys.stderr)
     return seen, sizes
 
 

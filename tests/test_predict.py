@@ -212,8 +212,10 @@ def test_numbers_and_empty_cells_of_a_csv_text_column(trained, tmp_path):
     (tmp_path / "mixed.jsonl").write_text('{"text": 2.5}\n{"text": null}\n{"text": "a great film"}\n')
     assert predict.read_texts(tmp_path / "numbers.csv") == ["5", "", "0", "12"]
     assert predict.read_texts(tmp_path / "mixed.jsonl") == ["2.5", "", "a great film"]
-    code, out, _ = run_main(predict, trained, "--file", tmp_path / "numbers.csv", "--format", "csv")
+    code, out, err = run_main(predict, trained, "--file", tmp_path / "numbers.csv", "--format", "csv")
     assert code == 0 and [r["text"] for r in csv.DictReader(io.StringIO(out))] == ["5", "", "0", "12"]
+    assert "Note: 1 of 4 texts are empty" in err  # scored, row kept, and said
+    assert "are empty" not in run_main(predict, trained, "a great film")[2]
     (tmp_path / "lists.jsonl").write_text('{"text": ["a", "b"]}\n')
     refused(run_main(predict, trained, "--file", tmp_path / "lists.jsonl"), "the text column holds lists")
 
