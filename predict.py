@@ -217,6 +217,9 @@ def check_options(model, tokenizer, max_len=None, min_confidence=None, threshold
     if not multi and threshold is not None:
         raise UserError("--threshold is for multi-label models: a single-label model abstains below --min-confidence")
     special = tokenizer.num_special_tokens_to_add(pair=reads_pairs(model))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None and limit is not None and max_len > limit:  # as train.py refuses it: never cut silently
+        raise UserError(f"max_len {max_len} is beyond what this model can read ({limit} positions)")
     if max_len is not None and max_len <= special:  # the tokenizer would then not truncate at all
         raise UserError(f"max_len {max_len} leaves no room for text: this model adds {special} special tokens to "
                         f"each, so use at least {special + 1}")
@@ -499,6 +502,7 @@ def write_output(args, model, rank=0, processes=1):
     whole until then, and stays if anything fails), or to standard output. Under several processes each writes
     its chunks into its own part file, and the main process joins them in input order: every row once."""
     target = Path(args.output) if args.output else None
+    check_output_apart(target, args)
     folder = parts_folder(target, rank) if processes > 1 else None
     part = folder / f"part{rank}" if folder else target and target.with_name(target.name + ".tmp")
     try:
@@ -526,6 +530,20 @@ def write_output(args, model, rank=0, processes=1):
             shutil.rmtree(folder, ignore_errors=True)
     if not target:
         sys.stdout.flush()
+
+
+def check_output_apart(target, args):
+    """--output must be neither the --file it reads (replaced by the predictions, its labels lost) nor a file in the
+    model's folder (a config.json written over breaks the model): refused before anything is written."""
+    if target is None:
+        return
+    where, model = target.expanduser().resolve(), Path(args.model_dir).expanduser().resolve()
+    if args.file is not None and where == Path(args.file).expanduser().resolve():
+        raise UserError(f"--output {args.output} is the --file it reads: the predictions would replace the texts; "
+                        "choose another --output")
+    if model in where.parents:
+        raise UserError(f"--output {args.output} is inside the model's folder {args.model_dir}: it could replace "
+                        "one of the model's files; choose another --output")
 
 
 def parts_folder(target, rank):

@@ -237,7 +237,14 @@ def test_refusals_are_one_line_and_harm_nothing(trained, tmp_path):
     refused(run_main(predict, trained, "--output", kept, stdin=b"caf\xe9\n"), "standard input, line 1: not valid utf-8")
     refused(run_main(predict, trained, "--output", kept, "ok", "caf\udce9"), "text argument 2 is not valid")
     refused(run_main(predict, trained, "--output", kept, stdin=b""), "no texts")
+    refused(run_main(predict, trained, "--output", kept, "--max-len", "100000", "x"),
+            "max_len 100000 is beyond what this model can read")  # it was cut to the model's limit without a word
+    refused(run_main(predict, trained, "--file", kept, "--output", kept), f"--output {kept} is the --file it reads")
     assert kept.read_text() == "an earlier result\n"
+    config = (trained / "config.json").read_bytes()
+    refused(run_main(predict, trained, "x", "--output", trained / "config.json"),
+            f"--output {trained / 'config.json'} is inside the model's folder")
+    assert (trained / "config.json").read_bytes() == config
     code, _, _ = run_main(predict, trained, "--output", kept, "--encoding", "latin-1", stdin=b"caf\xe9\n")
     assert code == 0 and json.loads(kept.read_text())["text"] == "café"
 
