@@ -171,7 +171,9 @@ def ece(probs, labels, bins=ECE_BINS):
 
 def accuracy_at_coverage(probs, labels, coverages=COVERAGES):
     """For each share X: the accuracy on the ceil(X * n) examples with the highest top probability, and the
-    threshold, the lowest top probability among them (abstaining below it keeps that share, ties aside)."""
+    threshold: the lowest top probability among them, rounded down to 4 decimals and at least 1e-6 below it, so that
+    `predict.py --min-confidence THRESHOLD` keeps every one of them (its probabilities differ in the last bits, from
+    other padding), and with them at most the few within 1e-4 below (and ties)."""
     confidence, predicted = probs.max(-1)
     order = torch.sort(confidence, descending=True, stable=True).indices
     correct = (predicted == labels)[order].double()
@@ -179,7 +181,7 @@ def accuracy_at_coverage(probs, labels, coverages=COVERAGES):
     for share in coverages:
         k = max(1, math.ceil(share * len(labels) - 1e-9))
         table.append({"coverage": share, "accuracy": float(correct[:k].mean()),
-                      "threshold": float(confidence[order[k - 1]]), "n": k})
+                      "threshold": math.floor((float(confidence[order[k - 1]]) - 1e-6) * 1e4) / 1e4, "n": k})
     return table
 
 

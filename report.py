@@ -108,7 +108,7 @@ def describe_quality(metrics, n_train):
                   if test["calibrated_on"] else f"(no temperature scaling: {why_uncalibrated(metrics)})")
     lines = [f"Mistakes: {wrong:,} of {test['n']:,} test texts → errors.jsonl · calibration error (ECE) "
              f"{test['ece']:.3f} → {calibrated} · at 90% coverage {at_90['accuracy']:.1%} accurate, threshold "
-             f"{at_90['threshold']:.2f}"]
+             f"{at_90['threshold']:.4g}"]
     if audit:
         lines.append(f"Label audit: {audit['suspects']:,} of {audit['n']:,} training labels look doubtful to the model "
                      f"→ suspect_labels.jsonl (candidates to re-check, not proven errors) · "
@@ -334,7 +334,7 @@ def good_enough(metrics, mistakes, shown=10):
     lines = ["## Is it good enough?", "", "**Accuracy at coverage.** When the model may abstain on the texts it is "
              "least sure of: the accuracy on the share of test texts with the highest top probability, and that "
              "share's threshold (the lowest top probability kept: `predict.py --min-confidence THRESHOLD` abstains "
-             f"below it). At 90% coverage: {at_90['accuracy']:.1%} accurate, threshold {at_90['threshold']:.2f}.", "",
+             f"below it). At 90% coverage: {at_90['accuracy']:.1%} accurate, threshold {at_90['threshold']:.4g}.", "",
              "| coverage | accuracy | threshold | texts |", "|---|---|---|---|"]
     lines += [f"| {c['coverage']:.0%} | {c['accuracy']:.1%} | {c['threshold']:.4f} | {c['n']:,} |"
               for c in test["coverage"]]

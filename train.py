@@ -246,20 +246,24 @@ def make_optimizer(model, cfg, fused):
 # Evaluation
 
 @torch.no_grad()
-def split_logits(model, loader, accelerator):
+def split_logits(model, loader, accelerator, exact=False):
     """(logits, labels) of the whole split, in the split's row order (the batches' `idx`; a loader without it:
     the loader's order). Under several processes each sees a shard; gather_for_metrics collects them and drops the
-    examples duplicated to even out the last batch, so every example counts once."""
-    was_training = model.training
+    examples duplicated to even out the last batch, so every example counts once. exact: in full fp32 (no autocast,
+    no TF32), as predict.py and serve.py compute, whatever the run's precision: the test split's figures and files
+    are then what they give (bf16 logits tie in their 8-bit mantissa, so a coverage threshold read off them missed)."""
+    was_training, matmuls = model.training, torch.get_float32_matmul_precision()
     model.eval()
     gathered = []
+    torch.set_float32_matmul_precision("highest" if exact else matmuls)
     for batch in loader:
         idx = batch.pop("idx", None)
-        with accelerator.autocast():
+        with nullcontext() if exact else accelerator.autocast():
             logits = model(**batch).logits.float()
         outputs = (logits, batch["labels"]) + (() if idx is None else (idx,))
         gathered.append([t.cpu() for t in accelerator.gather_for_metrics(outputs)])
     model.train(was_training)
+    torch.set_float32_matmul_precision(matmuls)
     logits, labels, *idx = (torch.cat(ts) for ts in zip(*gathered))
     order = idx[0].argsort() if idx else slice(None)
     return logits[order], labels[order]
@@ -553,9 +557,10 @@ def finish(run, started, val_logits=None, reference=(None, None)):
     best_model = AutoModelForSequenceClassification.from_pretrained(
         out / "best", use_safetensors=True,
         attn_implementation="sdpa" if cfg.attention == "auto" else cfg.attention).to(accelerator.device)
-    logits_of = lambda split: split_logits(best_model, loaders[split], accelerator) if split in loaders else None
+    logits_of = lambda split, exact=False: \
+        split_logits(best_model, loaders[split], accelerator, exact) if split in loaders else None
     test_started, sizes = time.time(), {split: len(examples) for split, examples in data.items()}
-    test_logits = logits_of("test")
+    test_logits = logits_of("test", exact=True)  # fp32: the figures, errors.jsonl and coverage are predict.py's
     test_seconds, seconds = time.time() - test_started, state["train_seconds"]
     val_logits, audit_started = val_logits or logits_of("validation"), time.time()
     audit_logits, audit_seconds = logits_of("audit"), time.time() - audit_started  # the label audit's cost

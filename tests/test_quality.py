@@ -126,7 +126,7 @@ def test_accuracy_at_coverage(run):
     order = sorted(range(len(rows)), key=lambda i: -rows[i]["score"])
     for c in metrics["test"]["coverage"]:
         kept = order[:c["n"]]
-        assert c["threshold"] == pytest.approx(rows[kept[-1]]["score"], abs=1e-6)
+        assert rows[kept[-1]]["score"] - 1.01e-4 <= c["threshold"] <= rows[kept[-1]]["score"] - 1e-6  # rounded down
         assert c["accuracy"] == pytest.approx(sum(right[i] for i in kept) / c["n"], abs=1.01 / c["n"])  # ties
     # a model whose mistakes are its least sure texts: the accuracy never falls as the coverage shrinks
     generator = torch.Generator().manual_seed(0)
@@ -141,10 +141,10 @@ def test_accuracy_at_coverage(run):
     small = accuracy_at_coverage(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.3]]),
                                  torch.tensor([0, 1, 0, 0]), coverages=(1.0, 0.5, 0.25))  # right, right, wrong, right
     assert [(c["n"], c["accuracy"], c["threshold"]) for c in small] == \
-        [(4, 0.75, pytest.approx(0.6)), (2, 1.0, pytest.approx(0.8)), (1, 1.0, pytest.approx(0.9))]
+        [(4, 0.75, 0.5999), (2, 1.0, 0.7999), (1, 1.0, 0.8999)]  # at least 1e-6 below, 4 decimals
     card = (out / "best" / "README.md").read_text()
     at_90 = metrics["test"]["coverage"][2]
-    assert f"At 90% coverage: {at_90['accuracy']:.1%} accurate, threshold {at_90['threshold']:.2f}." in card
+    assert f"At 90% coverage: {at_90['accuracy']:.1%} accurate, threshold {at_90['threshold']:.4g}." in card
     assert "## Is it good enough?" in card and "not proven errors" in card
     with Image.open(out / "calibration.png") as image:
         assert image.format == "PNG" and image.size == (1100, 450)
@@ -157,8 +157,8 @@ def test_min_confidence_abstains_exactly_below_the_threshold(run):
     plain = predict(texts, out / "best")
     threshold = metrics["test"]["coverage"][2]["threshold"]  # 90% coverage
     sure = predict(texts, out / "best", min_confidence=threshold)
-    # 90% of the texts kept (give or take the threshold's own text, whose score may round either way here)
-    assert sum(r["label"] is None for r in sure) <= len(texts) - math.ceil(0.9 * len(texts)) + 1
+    # at least the 90% of the texts that the row counts are kept, its lowest too (its score differs in the last bits)
+    assert sum(r["label"] is None for r in sure) <= len(texts) - math.ceil(0.9 * len(texts))
     for p, s in zip(plain, sure):
         assert s["label"] == (None if p["score"] < threshold else p["label"])
         assert (s["text"], s["score"], s["probs"]) == (p["text"], p["score"], p["probs"])
@@ -169,6 +169,26 @@ def test_min_confidence_abstains_exactly_below_the_threshold(run):
     rows = [json.loads(line) for line in run_cli.stdout.splitlines()]
     assert run_cli.returncode == 0 and [r["label"] for r in rows] == [None, "pos"], (unsure, rows)
     assert set(rows[0]) == {"text", "label", "score", "probs"}
+
+
+def test_a_bf16_run_reports_what_predict_gives(tiny_model, tmp_path):
+    """A run in bf16 still scores its test split in fp32, as predict.py does: errors.jsonl's scores are predict.py's
+    and each coverage threshold keeps its texts. From bf16 logits (8-bit mantissa: many texts tied at one
+    probability) a 50% row's threshold kept 149 of 150 texts, 61% accurate instead of the 75% it said."""
+    from predict import predict
+    train_csv = write_csv(tmp_path / "train.csv", toy_examples(200, seed=1) + MISLABELED)
+    test_csv = write_csv(tmp_path / "test.csv", toy_examples(60, seed=2) + unsure_pairs(6))
+    cfg = resolve(model=tiny_model, dataset=str(train_csv), test_file=str(test_csv), max_len=32, epochs=2,
+                  min_steps=0, lr=3e-3, precision="bf16", audit=False, output_dir=str(tmp_path / "out"))
+    metrics = train(cfg)
+    assert metrics["precision"] == "bf16"
+    texts = load_data(cfg)[0]["test"]["text"]
+    plain = {r["text"]: r for r in predict(texts, tmp_path / "out" / "best")}
+    for error in read_jsonl(tmp_path / "out" / "errors.jsonl"):
+        assert error["score"] == pytest.approx(plain[error["text"]]["score"], abs=1e-5)
+    for row in metrics["test"]["coverage"]:
+        kept = predict(texts, tmp_path / "out" / "best", min_confidence=row["threshold"])
+        assert sum(r["label"] is not None for r in kept) >= row["n"]
 
 
 def test_predict_divides_the_logits_by_the_stored_temperature(run, tmp_path):
