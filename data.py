@@ -770,7 +770,7 @@ def describe(data, names, cfg):
         line = f"Data: {sizes} · {len(names)} labels {listed} · " + describe_label_sets(labels, data, names)
     else:
         counts = torch.bincount(labels, minlength=len(names)).tolist()
-        line = f"Data: {sizes} · {len(names)} classes {listed}"
+        line = f"Data: {sizes} · {len(names)} classes {listed}" + describe_absent(data, names)
     if max(counts) > 3 * min(counts):
         counted = [f"{names[c]} {counts[c]:,}" for c in sorted(range(len(names)), key=lambda c: -counts[c])]
         if len(counted) > 6:
@@ -814,10 +814,21 @@ def describe_label_sets(labels, data, names):
     """Multi-label: labels per training text (`labels`, their 0/1 rows), texts without any, and the labels a (random)
     split happens to lack."""
     line = f"multi-label: {labels.sum(1).mean():.2f} per training text, {int((labels.sum(1) == 0).sum()):,} with none"
+    return line + describe_absent(data, names)
+
+
+def describe_absent(data, names):
+    """Lines naming the classes (labels) that the validation or test split has no example of: their F1 there is 0,
+    and macro-F1 averages it in (scikit-learn's rule too), so the split's macro-F1 cannot reach 1."""
+    line = ""
     for split in ("validation", "test"):
-        absent = [names[i] for i in torch.as_tensor(data[split]["label"]).sum(0).eq(0).nonzero()[:, 0].tolist()] \
-            if split in data else []
+        if split not in data:
+            continue
+        labels = torch.as_tensor(data[split]["label"])
+        counts = labels.sum(0) if labels.ndim == 2 else torch.bincount(labels, minlength=len(names))
+        absent = [names[i] for i in counts.eq(0).nonzero()[:, 0].tolist()]
         if absent:
-            line += (f"\nNo {split} example has the label(s) {', '.join(absent[:5])}"
-                     f"{', ...' if len(absent) > 5 else ''} (multi-label splits are random)")
+            line += (f"\nNo {split} example has the {'label(s)' if labels.ndim == 2 else 'class(es)'} "
+                     f"{', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}: its F1 there counts as 0 in "
+                     "macro-F1" + (" (multi-label splits are random)" if labels.ndim == 2 else ""))
     return line

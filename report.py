@@ -89,7 +89,7 @@ def beside_baseline(metrics, lengths=None, positions=None):
     standing = "level with it" if model == base else \
         f"{'ahead by' if model > base else 'behind by'} {abs(model - base):.4f}"
     say(f"Test {name} {model:.4f} · baseline ({reference['model']}) {base:.4f} · {standing}")
-    if model <= base:
+    if model < base or model == base < 1:  # both perfect: nothing to try
         say(f"Warning: the model does not beat the {reference['model']} baseline on test {name} ({model:.4f} vs "
             f"{base:.4f}). Try more epochs (--epochs {2 * cfg['epochs']} --patience 2), a higher --lr (now "
             f"{cfg['lr']:g})" + (f", a longer --max-len (now {cfg['max_len']}, which cuts {lengths['truncated']:.0%} "

@@ -130,6 +130,10 @@ def test_the_closing_line_puts_the_model_beside_its_baseline(model, line, capsys
     captured = capsys.readouterr()
     assert line in captured.out
     assert ("does not beat" in captured.err) == (model <= 0.75)  # a tie does not beat it either
+    perfect = dict(metrics, baseline={**metrics["baseline"], "accuracy": 1.0}, test={"accuracy": 1.0})
+    report.beside_baseline(perfect)
+    captured = capsys.readouterr()
+    assert "· level with it" in captured.out and "does not beat" not in captured.err  # nothing to try at 1.0
 
 
 @pytest.mark.parametrize("cut, positions, advised", [(0.35, 512, True), (0.35, 128, False), (0.0, 512, False),

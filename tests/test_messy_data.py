@@ -307,3 +307,15 @@ def test_lists_written_in_csv_cells_are_refused_with_label_sep_too(tmp_path, cel
     only_empty = write_csv(tmp_path / "empty-lists.csv", relabel(toy_examples(30), ["music", "[]", "cast;music"]))
     load_refused(r"the train split's label column holds lists written as text \(\[\]\)", dataset=str(only_empty),
                  label_sep=";")
+
+
+def test_a_class_the_test_split_lacks_is_named():
+    """Its F1 on the test split is 0 and macro-F1 averages it in: said, single-label and multi-label alike."""
+    from datasets import Dataset
+    from data import describe_absent
+    single = {"train": Dataset.from_dict({"label": [0, 1, 2]}), "test": Dataset.from_dict({"label": [0, 0, 2]})}
+    assert describe_absent(single, ["neg", "neutral", "pos"]) == \
+        "\nNo test example has the class(es) neutral: its F1 there counts as 0 in macro-F1"
+    multi = {"validation": Dataset.from_dict({"label": [[1.0, 0.0], [1.0, 0.0]]})}
+    assert "No validation example has the label(s) b" in describe_absent(multi, ["a", "b"])
+    assert describe_absent({"test": Dataset.from_dict({"label": [0, 1]})}, ["neg", "pos"]) == ""
