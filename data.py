@@ -5,6 +5,8 @@ stratified splits -> token ids -> length-grouped training batches and length-sor
 The entry points: `load_data(cfg)` (splits and class names), `tokenize`, `make_loaders`; `read_file`,
 `find_text_columns`, `model_inputs` and `encode` for other scripts that read texts (predict.py)."""
 import codecs
+import collections
+import csv
 import dataclasses
 import hashlib
 import io
@@ -99,6 +101,16 @@ def read_error(e, text, fmt):
     return f"could not be read as {fmt}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
 
 
+def check_header(path, lines, sep):
+    """Refuse a csv/tsv header that names a column twice: pandas would rename the second "text" to "text.1", and
+    the first would be used without a word. `lines`: the file's text, from its start."""
+    names = next(csv.reader(lines, delimiter=sep), [])
+    twice = [name for name, n in collections.Counter(name.lstrip("\ufeff") for name in names).items()
+             if n > 1 and name.strip()]
+    if twice:
+        raise UserError(f"{path}: two columns are named '{twice[0]}'; rename one (or drop it)")
+
+
 def read_file(path, cfg):
     """A local file as a Dataset with the file's own columns. csv/tsv cells are read as strings, all of them: a
     label column that looks like numbers stays names ("1", "2", "other"), the same in every file and every block
@@ -118,6 +130,8 @@ def read_file(path, cfg):
         options = dict(encoding=cfg.encoding, encoding_errors=cfg.decode_errors)
     if path.suffix.lower() == ".tsv":
         options["sep"] = "\t"
+    if fmt == "csv":
+        check_header(path, io.StringIO(text[:1 << 20]), options.get("sep", ","))
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own "Failed to read" line: ours says it
     try:

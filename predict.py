@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from config import OneLineParser, UserError, of_kind, resolve
-from data import FILE_FORMATS, TEXT_COLUMNS, encode, find_column, find_text_columns, read_file
+from data import FILE_FORMATS, TEXT_COLUMNS, check_header, encode, find_column, find_text_columns, read_file
 from runs import json_line
 
 transformers.utils.logging.disable_progress_bar()
@@ -367,6 +367,8 @@ def table_chunks(path, encoding, size):
             if suffix == ".jsonl":
                 reader = pandas.read_json(f, lines=True, chunksize=size, dtype=False, encoding=encoding)
             else:
+                with open(path, encoding=encoding, newline="") as lines:
+                    check_header(path, lines, "\t" if suffix == ".tsv" else ",")
                 reader = pandas.read_csv(f, sep="\t" if suffix == ".tsv" else ",", dtype=str, chunksize=size,
                                          encoding=encoding, keep_default_na=False,  # "NA", "null": words, as trained
                                          skip_blank_lines=False)  # a blank line is an empty text: one row, as in .txt

@@ -319,3 +319,19 @@ def test_a_class_the_test_split_lacks_is_named():
     multi = {"validation": Dataset.from_dict({"label": [[1.0, 0.0], [1.0, 0.0]]})}
     assert "No validation example has the label(s) b" in describe_absent(multi, ["a", "b"])
     assert describe_absent({"test": Dataset.from_dict({"label": [0, 1]})}, ["neg", "pos"]) == ""
+
+
+def test_a_column_named_twice_is_refused(tiny_model, tmp_path):
+    """pandas renames the second 'text' to 'text.1' and the first was used without a word: in train.py and
+    predict.py alike, one line."""
+    import predict
+    for header in ("text,label,text", "text,label,label"):
+        path = tmp_path / f"{header.replace(',', '-')}.csv"
+        path.write_text(header + "\n" + "\n".join(f"{t},{l},{l if header.endswith('label') else t}"
+                                                  for t, l in toy_examples(20)) + "\n")
+        name = header.rsplit(",", 1)[1]
+        with pytest.raises(UserError, match=f"two columns are named '{name}'; rename one"):
+            train(resolve(model=tiny_model, dataset=str(path), max_len=32, output_dir=str(tmp_path / "out")))
+        with pytest.raises(UserError, match=f"two columns are named '{name}'"):
+            list(predict.text_chunks(path, None, "utf-8"))
+    assert not (tmp_path / "out").exists()
