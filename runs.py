@@ -134,15 +134,19 @@ def holds_run(out):
 
 def check_apart_from_model(cfg):
     """--output-dir must not be the --model folder, inside it or around it (checked before the folder is made): the
-    run's files would change the model's own folder, and with it the hash every run trained from it resumes by."""
-    model, out = Path(cfg.model).expanduser(), cfg.output_dir
-    if out is None or not model.is_dir():
+    run's files would change the model's own folder, and with it the hash every run trained from it resumes by.
+    Nor inside a --dataset folder (one sub-folder per class), where the run's folder would be read as a class."""
+    if cfg.output_dir is None:
         return
-    model, where = model.resolve(), Path(out).expanduser().resolve()
-    if where == model or model in where.parents or where in model.parents:
-        raise UserError(f"--output-dir {out} and --model {cfg.model} overlap (the same folder, or one inside the "
-                        "other): a run would write into the model's folder, or replace the model it trains from; "
-                        "choose another --output-dir")
+    where = Path(cfg.output_dir).expanduser().resolve()
+    model, data = (Path(p).expanduser().resolve() if p else None for p in (cfg.model, cfg.dataset))
+    if model and model.is_dir() and (where == model or model in where.parents or where in model.parents):
+        raise UserError(f"--output-dir {cfg.output_dir} and --model {cfg.model} overlap (the same folder, or one "
+                        "inside the other): a run would write into the model's folder, or replace the model it trains "
+                        "from; choose another --output-dir")
+    if data and data.is_dir() and (where == data or data in where.parents):
+        raise UserError(f"--output-dir {cfg.output_dir} is inside the --dataset folder {cfg.dataset}: the run's folder "
+                        "would be read as one of its classes; choose another --output-dir")
 
 
 def check_output_dir(out, cfg):

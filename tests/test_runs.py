@@ -126,6 +126,17 @@ def test_output_dir_overlapping_the_model_folder_is_refused_before_anything_is_w
     assert sorted(p.name for p in model.rglob("*")) == files
 
 
+def test_output_dir_inside_a_dataset_folder_is_refused(quick, tmp_path):
+    """A folder of class folders: the run's own folder was then refused as 'a class folder without .txt files'."""
+    for name, label in (("pos", "great fun"), ("neg", "awful bore")):
+        (tmp_path / "news" / name).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "news" / name / f"{i}.txt").write_text(f"{label} {i}")
+    with pytest.raises(UserError, match=r"--output-dir .*run is inside the --dataset folder .*news: the run's folder"):
+        train(resolve(**{**quick, "dataset": str(tmp_path / "news")}, output_dir=str(tmp_path / "news" / "run")))
+    assert not (tmp_path / "news" / "run").exists()
+
+
 def test_overwrite_that_fails_restores_the_earlier_run(quick, tmp_path):
     out = tmp_path / "out"
     train(resolve(**quick, output_dir=str(out)))
