@@ -83,6 +83,7 @@ class Config:
     baseline: bool = True  # fit TF-IDF + logistic regression on the same splits, shown beside the model (up to 10M chars)
 
 
+HEAD_LR_FACTOR = 30  # multi-label: the head's lr, times the encoder's (rare labels went unlearned at 1x; quality.md)
 LORA_LR_FACTOR = 30  # LoRA r=8 came within 1 point of full fine-tuning at 30x its rate; 10x underfit (docs/lora.md)
 
 AUDIT_LIMIT = 100_000  # --audit reads the training split again only when it is smaller than this

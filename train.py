@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from config import LORA_LR_FACTOR, Config, UserError, parse_args_or_exit, settle
+from config import HEAD_LR_FACTOR, LORA_LR_FACTOR, Config, UserError, parse_args_or_exit, settle
 
 
 def interrupted_before_the_run(signum, frame):
@@ -234,12 +234,27 @@ def start_at_the_prior(model, labels, n, balanced=False):
         bias.copy_(prior)
 
 
+def head_lr_factor(cfg):
+    """How many times the encoder's lr the head trains at: HEAD_LR_FACTOR for multi-label, where each label is a
+    decision of its own from the shared features and most labels are rare (at 1x, 360 steps taught a 33-label head
+    the frequent labels only; docs/quality.md); 1 for single-label (the main job's recipe) and for LoRA, whose lr
+    is already LORA_LR_FACTOR times."""
+    return HEAD_LR_FACTOR if cfg.problem == "multi_label" and not cfg.lora_r else 1
+
+
 def make_optimizer(model, cfg, fused):
-    """AdamW; biases and LayerNorm weights (the 1-d parameters) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+    """AdamW; biases and LayerNorm weights (the 1-d parameters) get no weight decay; the head (the layers after the
+    encoder: its pooler, if any, and what the model class adds on top) at head_lr_factor(cfg) times the lr."""
+    factor, encoder = head_lr_factor(cfg), model.base_model_prefix + "."
+    groups = {}  # (lr, weight decay): parameters
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            in_head = factor != 1 and (not name.startswith(encoder) or ".pooler." in name)
+            groups.setdefault((cfg.lr * factor if in_head else cfg.lr, cfg.weight_decay if p.ndim >= 2 else 0.0),
+                              []).append(p)
+    ordered = sorted(groups.items(), key=lambda group: (group[0][0], -group[0][1]))  # the encoder's, decayed first
+    return torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in ordered],
+                             lr=cfg.lr, fused=fused)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -483,7 +498,8 @@ def setup(cfg, accelerator, state, out, bf16_speedup=None):
     shown = f"bf16 {bf16_speedup:.2g}× fp32 here: {precision}" if bf16_speedup is not None else precision
     say(f"Model: {cfg.model} ({parameters_line(model, cfg.lora_r)}) · {shown}, "
         f"{attention} attention on {accelerator.device} · {n} process(es) · batch {cfg.batch_size} × {n} × "
-        f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps · lr {cfg.lr:g}")
+        f"grad_accum {cfg.grad_accum} = {cfg.batch_size * n * cfg.grad_accum} · {total_steps} steps · lr {cfg.lr:g}"
+        + (f" (the head {cfg.lr * head_lr_factor(cfg):g})" if head_lr_factor(cfg) != 1 else ""))
     weights = class_weights(data["train"]["label"], len(names), cfg.class_weights, accelerator.device)
     return Run(cfg=cfg, accelerator=accelerator, state=state, out=out, model=model, optimizer=optimizer,
                scheduler=scheduler, loaders=loaders, tokenizer=tokenizer, data=data, names=names, weights=weights,

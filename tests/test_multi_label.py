@@ -204,3 +204,25 @@ def test_two_processes_count_each_multi_label_example_once(tiny_model, tmp_path)
         {k: c["support"] for k, c in single["per_class"].items()}
     assert recorded["f1_micro"] == pytest.approx(single["f1_micro"])
     assert recorded["exact_match"] == pytest.approx(single["exact_match"])
+
+
+def test_a_multi_label_head_trains_at_thirty_times_the_lr(tiny_model):
+    """Multi-label: the head (DistilBERT's pre_classifier and classifier) at HEAD_LR_FACTOR x the lr, the encoder at
+    the lr; single-label (the main job) and LoRA: one lr for all, as before. Weight decay as ever: none for 1-d."""
+    from config import HEAD_LR_FACTOR
+    from train import make_optimizer
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def lr_of(problem, lora_r=0):
+        cfg = resolve(model=tiny_model, lr=1e-4, problem=problem, lora_r=lora_r)
+        groups = make_optimizer(model, cfg, fused=False).param_groups
+        assert all((g["weight_decay"] == 0.0) == (g["params"][0].ndim < 2) for g in groups)
+        return {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    multi = lr_of("multi_label")
+    assert len(multi) == len(names)
+    head = {name for name in multi if not name.startswith("distilbert.")}
+    assert head == {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}
+    assert all(multi[name] == pytest.approx(1e-4 * (HEAD_LR_FACTOR if name in head else 1)) for name in multi)
+    assert HEAD_LR_FACTOR == 30 and set(lr_of("single_label").values()) == {1e-4}
+    assert len(set(lr_of("multi_label", lora_r=4).values())) == 1  # --lora-r: its own factor, for all alike
