@@ -64,7 +64,8 @@ def as_logits(model, rows, n_labels, multi_label):
 
 def run(data, names, metric, threshold=0.5):
     """Fit on data["train"], choose C (and the multi-label threshold) on data["validation"] when there is one (by
-    `metric`, the run's metric for best), score on data["test"]: the test metrics, "seconds", "model"."""
+    `metric`, the run's metric for best), score on data["test"]: (the test metrics, "seconds", "model"; the test
+    logits, for analysis.paired_difference)."""
     started = time.time()
     labels = {split: torch.as_tensor(examples["label"]) for split, examples in data.items()}
     multi_label = labels["train"].ndim == 2
@@ -79,8 +80,9 @@ def run(data, names, metric, threshold=0.5):
         score = scores(val, labels["validation"], names, tuned)[metric] if val is not None else 0.0
         tried.append((score, -strength, model, tuned))  # of equal scores, the stronger regularization
     _, minus_strength, model, tuned = max(tried, key=lambda t: t[:2])
-    test = scores(as_logits(model, rows["test"], len(names), multi_label), labels["test"], names, tuned)
-    return {**test, "C": -minus_strength, "seconds": round(time.time() - started, 2), "model": NAME}
+    logits = as_logits(model, rows["test"], len(names), multi_label)
+    test = scores(logits, labels["test"], names, tuned)
+    return {**test, "C": -minus_strength, "seconds": round(time.time() - started, 2), "model": NAME}, logits
 
 
 def characters(data):
@@ -90,14 +92,14 @@ def characters(data):
 
 
 def for_run(cfg, data, names):
-    """(the baseline's test metrics, None), or (None, why there are none): --no-baseline, or more than
-    BASELINE_LIMIT characters of text, where it would cost more than a small share of the run."""
+    """(the baseline's test metrics, None, its test logits), or (None, why there are none, None): --no-baseline, or
+    more than BASELINE_LIMIT characters of text, where it would cost more than a small share of the run."""
     if not cfg.baseline:
-        return None, "--no-baseline"
+        return None, "--no-baseline", None
     size = characters(data)
     if size > BASELINE_LIMIT:
-        return None, f"{size:,} characters of text, above the {BASELINE_LIMIT:,} it is fitted on"
-    result = run(data, names, cfg.metric_for_best, cfg.threshold)
+        return None, f"{size:,} characters of text, above the {BASELINE_LIMIT:,} it is fitted on", None
+    result, logits = run(data, names, cfg.metric_for_best, cfg.threshold)
     say(f"Baseline: {NAME} fitted on the same training split in {result['seconds']:.1f}s (C {result['C']:g}, "
         "chosen on validation); its test scores come beside the model's at the end")
-    return result, None
+    return result, None, logits

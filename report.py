@@ -88,13 +88,26 @@ def beside_baseline(metrics, lengths=None, positions=None):
     model, base, name = metrics["test"][key], reference[key], metric_name(metrics, key)
     standing = "level with it" if model == base else \
         f"{'ahead by' if model > base else 'behind by'} {abs(model - base):.4f}"
-    say(f"Test {name} {model:.4f} · baseline ({reference['model']}) {base:.4f} · {standing}")
+    say(f"Test {name} {model:.4f} · baseline ({reference['model']}) {base:.4f} · {standing}"
+        + how_sure(reference, metrics["test"]))
     if model < base or model == base < 1:  # both perfect: nothing to try
         say(f"Warning: the model does not beat the {reference['model']} baseline on test {name} ({model:.4f} vs "
             f"{base:.4f}). Try more epochs (--epochs {2 * cfg['epochs']} --patience 2), a higher --lr (now "
             f"{cfg['lr']:g})" + (f", a longer --max-len (now {cfg['max_len']}, which cuts {lengths['truncated']:.0%} "
                                  "of the training texts)" if lengths and lengths["truncated"] > 0
                                  and (positions or float("inf")) > cfg["max_len"] else ""), file=sys.stderr)
+
+
+def how_sure(reference, test):
+    """The paired bootstrap interval of model minus baseline (analysis.paired_difference) in words: an interval
+    that holds 0 is a difference these test texts cannot tell from the noise. "" where there is none."""
+    difference, n = reference.get("difference"), test.get("n")
+    if difference is None:
+        return ""
+    low, high = difference["low"], difference["high"]
+    verdict = "clearly ahead" if low > 0 else "clearly behind" if high < 0 else "within the noise"
+    return (f" ({difference['confidence']:.0%} interval {low:+.4f} to {high:+.4f} over {n:,} test texts, paired "
+            f"bootstrap: {verdict})")
 
 
 def describe_quality(metrics, n_train):
@@ -323,7 +336,7 @@ def better_than_what(metrics):
         "**it does not beat the baseline**: more epochs, a higher lr or a longer max_len may"
     return (f"**Better than what?** {reference['model']} (scikit-learn), fitted on the same training split in "
             f"{reference['seconds']:.1f} s, scores test {name} {base:.4f} on the same test split; this model "
-            f"{model:.4f}, {verdict}.")
+            f"{model:.4f}, {verdict}{how_sure(reference, metrics['test'])}.")
 
 
 def good_enough(metrics, mistakes, shown=10):

@@ -554,17 +554,17 @@ def train(cfg: Config):
                 if cfg.length_histogram:
                     report.optional_output("lengths.png", report.plot_lengths, run.lengths, out / "lengths.png")
             start_tracker(cfg, accelerator)
-            reference = baseline.for_run(cfg, run.data, run.names) if accelerator.is_main_process else (None, None)
+            reference = baseline.for_run(cfg, run.data, run.names) if accelerator.is_main_process else (None,) * 3
             val_logits = fit(run)
             return finish(run, started, val_logits, reference)
         except Exception as e:  # after the model loaded: put back an earlier run, say what is kept
             raise failed_run(e, cfg, out, accelerator.is_main_process) from None
 
 
-def finish(run, started, val_logits=None, reference=(None, None)):
+def finish(run, started, val_logits=None, reference=(None,) * 3):
     """Evaluate the saved best model on the test split, once; calibrate it on the validation split and audit the
     training labels with it (analysis.py); write metrics.json (with `reference`: the baseline's test metrics, or
-    why there are none), the temperature into best/ and the rest.
+    why there are none, and its test logits: how sure the difference is), the temperature into best/ and the rest.
     val_logits: the best model's validation logits from its epoch's end (the weights saved in best/), if this
     process trained it; else (a resumed run whose best epoch came earlier) the validation split is read here."""
     cfg, out, state, loaders, accelerator, names, data = \
@@ -583,6 +583,10 @@ def finish(run, started, val_logits=None, reference=(None, None)):
     texts = {split: model_inputs(data[split]) for split in ("test", "train")}
     quality = analysis.assess(test_logits, val_logits, audit_logits, names, texts, cfg.threshold)
     test = {**scores(*test_logits, names, quality["threshold"]), **quality["test"]}  # multi: the tuned threshold
+    if reference[0] is not None:  # the model minus the baseline on resampled test sets: within the noise, or not
+        reference[0]["difference"] = analysis.paired_difference(
+            analysis.as_rows(*test_logits, quality["threshold"]),
+            analysis.as_rows(reference[2], test_logits[1], reference[0].get("threshold", 0.5)), cfg.metric_for_best)
     metrics = {"best_epoch": state["best_epoch"], "val": state["best_val"], "test": test,
                "stopped_early": state["stopped"],  # --patience: {"epoch", "reason"}; null when every epoch ran
                "baseline": reference[0], "baseline_skipped": reference[1],  # baseline.py: TF-IDF + LR, or why not

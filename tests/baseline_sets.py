@@ -12,6 +12,7 @@ Every BBC text is an article's first paragraph (median 21 words), so that the ru
   bbc400-train.csv, bbc400-test.csv   single-label, 400 + 400 distinct first paragraphs and their topics (a seeded
                    shuffle of all of them), to train on 400 rows and test on 400 more
   tweets-train.csv, tweets-test.csv   1,600 + 400 tweets, another seeded sample
+  tweets400-train.csv   the first 400 of tweets-train.csv: small single-label sentiment, tested on tweets-test.csv
   bbc-tags.jsonl   multi-label, 2,000 articles' titles and first two paragraphs, 33 labels (the topic and 28 names
                    such as Labour, England, Chelsea, Microsoft), 1.9 a text, most of them rare (tagged_articles)
 """
@@ -72,6 +73,7 @@ def write(folder, seed=0):
     sample = random.Random(seed).sample(tweets, 2000)
     write_csv(folder / "tweets-train.csv", ("text", "label"), sample[:1600])
     write_csv(folder / "tweets-test.csv", ("text", "label"), sample[1600:])
+    write_csv(folder / "tweets400-train.csv", ("text", "label"), sample[:400])
     with open(folder / "bbc-tags.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in tagged_articles(seed))
 
@@ -108,5 +110,5 @@ def write_csv(path, header, rows):
 
 if __name__ == "__main__":
     write(Path(sys.argv[1]))
-    print(f"wrote bbc-multi.jsonl, bbc-small.csv, bbc-pairs.csv, tweets.csv, bbc400-*.csv, tweets-*.csv and "
-          f"bbc-tags.jsonl into {sys.argv[1]}")
+    print("wrote bbc-multi.jsonl, bbc-small.csv, bbc-pairs.csv, tweets.csv, bbc400-*.csv, tweets-*.csv, "
+          f"tweets400-train.csv and bbc-tags.jsonl into {sys.argv[1]}")

@@ -46,6 +46,10 @@ def test_the_baseline_is_fitted_on_the_runs_own_splits_and_matches_scikit_learn(
     assert reference["C"] == best
     assert reference["accuracy"] == pytest.approx(accuracy_score(labels["test"], tried[best].predict(rows["test"])))
     assert f"baseline (TF-IDF + logistic regression) {reference['accuracy']:.4f}" in capsys.readouterr().out
+    # how sure: the observed difference lies inside its paired bootstrap interval
+    interval = reference["difference"]
+    assert interval["low"] - 1e-4 <= metrics["test"]["accuracy"] - reference["accuracy"] <= interval["high"] + 1e-4
+    assert interval["resamples"] == 1000 and interval["confidence"] == 0.95
 
 
 def test_no_baseline_leaves_it_out(fast, files, tmp_path, capsys):
@@ -148,3 +152,50 @@ def test_a_longer_max_len_is_advised_only_where_it_would_read_more(cut, position
     err = capsys.readouterr().err
     assert "a higher --lr (now 0.0001)" in err
     assert ("a longer --max-len (now 128, which cuts 35% of the training texts)" in err) == advised
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_resampled_metrics_at_weights_of_one_are_the_runs_own(multi_label):
+    """paired_difference resamples the very metrics metrics.json reports: at one draw of each text, the same."""
+    import torch
+    from analysis import as_rows, classification_metrics, label_set_metrics, resampled
+    generator, names = torch.Generator().manual_seed(0), list("abcd")
+    logits = torch.randn(300, 4, generator=generator)
+    labels = (torch.rand(300, 4, generator=generator) < 0.3).int() if multi_label else \
+        torch.randint(0, 4, (300,), generator=generator)
+    expected = label_set_metrics(labels.numpy(), (logits.sigmoid() >= 0.4).int().numpy(), names) if multi_label \
+        else classification_metrics(labels.numpy(), logits.argmax(-1).numpy(), names)
+    rows = as_rows(logits, labels, 0.4)
+    for metric in ("accuracy", "f1_macro", "f1_micro") if multi_label else ("accuracy", "f1_macro"):
+        assert resampled(*rows, metric, np.ones((1, 300)))[0] == pytest.approx(expected[metric])
+
+
+def test_the_interval_of_a_known_difference_has_the_width_of_its_standard_error():
+    """A model right on all 2,000 texts, a baseline on 90%: the difference 0.10, and its standard error
+    sqrt(0.1 x 0.9 / 2000) = 0.0067, so the 95% interval is about 0.10 +- 0.013; identical predictions: exactly 0."""
+    import torch
+    from analysis import as_rows, paired_difference
+    labels = torch.arange(2000) % 3
+    right = torch.nn.functional.one_hot(labels, 3).float()
+    wrong = right.clone()
+    wrong[::10] = torch.nn.functional.one_hot((labels[::10] + 1) % 3, 3).float()
+    interval = paired_difference(as_rows(right, labels), as_rows(wrong, labels), "accuracy")
+    half = 1.96 * (0.1 * 0.9 / 2000) ** 0.5
+    assert interval["low"] == pytest.approx(0.1 - half, abs=0.003)
+    assert interval["high"] == pytest.approx(0.1 + half, abs=0.003)
+    same = paired_difference(as_rows(wrong, labels), as_rows(wrong, labels), "f1_macro")
+    assert same["low"] == same["high"] == 0
+
+
+@pytest.mark.parametrize("low, high, verdict", [(-0.0247, 0.0067, "within the noise"),
+                                                (0.0113, 0.0402, "clearly ahead"), (-0.03, -0.001, "clearly behind")])
+def test_the_closing_line_says_whether_the_difference_is_beyond_the_noise(low, high, verdict, capsys):
+    import report
+    interval = {"low": low, "high": high, "confidence": 0.95}
+    metrics = {"baseline": {"accuracy": 0.75, "model": "TF-IDF + logistic regression", "difference": interval},
+               "baseline_skipped": None, "test": {"accuracy": 0.76, "n": 445},
+               "config": {"metric_for_best": "accuracy", "epochs": 3, "lr": 1e-4, "max_len": 128}}
+    report.beside_baseline(metrics)
+    assert f"(95% interval {low:+.4f} to {high:+.4f} over 445 test texts, paired bootstrap: {verdict})" \
+        in capsys.readouterr().out
+    assert verdict in report.better_than_what({**metrics, "baseline": {**metrics["baseline"], "seconds": 1.0}})
