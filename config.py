@@ -63,7 +63,7 @@ class Config:
     threshold: float = 0.5  # multi-label: a label is predicted at this probability; a tuned one is stored too (README)
     class_weights: str = "none"  # balanced = each class's loss weighted by inverse frequency, for skewed classes
     patience: int = 0  # stop after N validations without improvement of metric-for-best; 0 = train every epoch
-    min_steps: int = 300  # small data: epochs raised until training takes at least this many optimizer steps; 0 = off
+    min_steps: int | None = None  # small data: epochs raised until training takes this many optimizer steps (none: 300, multi-label 600; 0 = off)
     lora_r: int = 0  # LoRA's rank: train low-rank updates of the encoder's layers, and the head in full; 0 = train all
     lora_alpha: int | None = None  # LoRA's scale: its updates are multiplied by alpha / r (none or 0 = 2 x lora-r)
     lora_dropout: float = 0.1  # dropout on the input of LoRA's updates
@@ -84,6 +84,7 @@ class Config:
 
 
 HEAD_LR_FACTOR = 30  # multi-label: the head's lr, times the encoder's (rare labels went unlearned at 1x; quality.md)
+MIN_STEPS = {"single_label": 300, "multi_label": 600}  # --min-steps' default: a label set wants more (quality.md)
 LORA_LR_FACTOR = 30  # LoRA r=8 came within 1 point of full fine-tuning at 30x its rate; 10x underfit (docs/lora.md)
 
 AUDIT_LIMIT = 100_000  # --audit reads the training split again only when it is smaller than this
@@ -172,7 +173,7 @@ def validate(cfg):
     need(cfg.patience >= 0, f"--patience must be >= 0 (0 = off), not {cfg.patience}")
     need(cfg.patience == 0 or cfg.val_fraction > 0,
          "--patience needs a validation split to watch: --val-fraction above 0 (or --patience 0)")
-    need(cfg.min_steps >= 0, f"--min-steps must be >= 0 (0 = off), not {cfg.min_steps}")
+    need(cfg.min_steps is None or cfg.min_steps >= 0, f"--min-steps must be >= 0 (0 = off), not {cfg.min_steps}")
     need(cfg.log_every >= 0, f"--log-every must be >= 0 (0 = epoch rows only), not {cfg.log_every}")
     need(cfg.checkpoint_every >= 0,
          f"--checkpoint-every must be >= 0 (0 = at epoch ends only), not {cfg.checkpoint_every}")
@@ -329,11 +330,14 @@ def _is_number(text):
 
 
 def settle(cfg, multi_label):
-    """The choices left to the data, once it is read: the problem, and metric-for-best's auto (micro-F1 for sets)."""
+    """The choices left to the data, once it is read: the problem, metric-for-best's auto (micro-F1 for sets) and the
+    step floor's default (MIN_STEPS: each of many labels, rare ones above all, needs steps of its own)."""
     best = cfg.metric_for_best if cfg.metric_for_best != "auto" else "f1_micro" if multi_label else "accuracy"
     if best == "f1_micro" and not multi_label:
         raise UserError("--metric-for-best f1_micro is for multi-label data; with one class per text it is accuracy")
     if cfg.threshold != Config.threshold and not multi_label:  # else accepted and never used
         raise UserError("--threshold is for multi-label data; a single-label model predicts its likeliest class "
                         "(to abstain on unsure texts: predict.py --min-confidence)")
-    return dataclasses.replace(cfg, problem="multi_label" if multi_label else "single_label", metric_for_best=best)
+    problem = "multi_label" if multi_label else "single_label"
+    min_steps = MIN_STEPS[problem] if cfg.min_steps is None else cfg.min_steps
+    return dataclasses.replace(cfg, problem=problem, metric_for_best=best, min_steps=min_steps)

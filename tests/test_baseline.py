@@ -75,6 +75,14 @@ def test_the_step_floor_raises_the_epochs_of_small_data_only():
     assert enough_epochs(resolve(epochs=3, min_steps=0), 20).epochs == 3  # --min-steps 0: off
 
 
+def test_the_step_floors_default_is_higher_for_label_sets():
+    from config import settle
+    assert settle(resolve(), multi_label=False).min_steps == 300
+    assert settle(resolve(), multi_label=True).min_steps == 600  # 33 mostly rare labels: 0.8208 at 360 steps, 0.8315 at 600
+    assert settle(resolve(min_steps=100), multi_label=True).min_steps == 100  # one given is kept
+    assert settle(resolve(min_steps=0), multi_label=True).min_steps == 0
+
+
 def test_a_run_on_tiny_data_trains_the_floors_steps(fast, files, tmp_path, capsys, no_step_floor, monkeypatch):
     monkeypatch.setattr(train_module, "enough_epochs", no_step_floor)  # the real floor (conftest turns it off)
     metrics = train(run_settings(fast, files, tmp_path, min_steps=24, baseline=False))  # 144 training rows: 9 steps an epoch

@@ -151,8 +151,23 @@ def test_a_cpu_takes_bf16_only_where_it_is_measured_faster(fp32, bf16, speedup, 
 def test_emulated_bf16_is_not_timed_at_the_models_size():
     asked = []
     assert cpu_bf16_speedup(768, 4096, matmul_timings(1.0, 100.0, asked)) == pytest.approx(0.01)
-    assert asked == [16, 16]  # the 16-token try told: no 4096-token bf16 matmul (seconds where bf16 is emulated)
+    assert set(asked) == {16}  # the 16-token try told: no 4096-token bf16 matmul (seconds where bf16 is emulated)
     assert choose_precision("auto", None, 0.01) == "fp32"
+
+
+def test_a_burst_of_load_during_the_bf16_timings_does_not_decide():
+    # bf16 7x fp32 (an AMX Xeon), but another program starting on one of the 2 cores slows the first three
+    # model-sized bf16 matmuls 20x: all that a best-of-3 of each precision in a row would have seen (it said 0.35x)
+    asked = []
+
+    def seconds(dtype, rows):
+        asked.append((dtype, rows))
+        if dtype == torch.float32:
+            return rows * 1e-6
+        burst = rows > 16 and asked.count((dtype, rows)) <= 3
+        return rows * 1e-6 / 7 * (20 if burst else 1)
+    measured = cpu_bf16_speedup(768, 4096, seconds)
+    assert measured == pytest.approx(7) and choose_precision("auto", None, measured) == "bf16"
 
 
 def test_the_real_probe_times_both_precisions():
