@@ -219,7 +219,8 @@ def use_cache_only_if_offline(cfg):
 def offline_hint():
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return ("; the Hub cannot be reached (offline) and it is not in the local cache: pass a local folder or "
-                "file, or download it once on a machine with network")
+                "file, or download it once on a machine with network (python train.py --preset demo runs offline: its "
+                "model and data ship on PyPI)")
     return ""
 
 
